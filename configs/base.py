@@ -1,0 +1,80 @@
+"""Base config: every key any experiment may set is declared here, with its default.
+
+Derived configs (one file per experiment) start from `get_config()` here and
+change values; `bipe_jax.config.validate` rejects keys not declared here.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  # "stdlib" (this Python's standard library source, test dirs excluded) or a
+  # comma-separated list of files / globs of .txt, .jsonl(.gz) or .array_record.
+  c.data.source = "stdlib"
+  c.data.format = "auto"          # auto | text | jsonl | arrayrecord
+  c.data.text_field = "text"      # jsonl / ArrayRecord (json records) field
+  c.data.heldout_fraction = 0.05  # deterministic document-level held-out split
+  c.data.max_documents = 0        # 0 = all
+  c.data.seq_len = 1024           # training window length (tokens)
+  # windows: concatenate documents (BOS between) and cut windows, positions
+  #   and attention run across documents (the release's way).
+  # documents: pack whole documents into rows; positions restart and
+  #   attention is masked at every document start.
+  c.data.packing = "windows"
+  c.data.cache_dir = ""           # tokenized-corpus cache; "" = <workdir>/data
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.model = ""          # path to a SentencePiece .model; "" = train one
+  c.tokenizer.vocab_size = 4096   # when training
+  c.tokenizer.sample_bytes = 4_000_000  # corpus sample the tokenizer trains on
+
+  c.segmentation = ml_collections.ConfigDict()
+  c.segmentation.modality = "code"  # text | code | cot: which pieces end a segment
+  c.segmentation.separator_ids = ()  # explicit ids override (release: (13, 869))
+  c.segmentation.cot_delimiter = ";"  # step delimiter for modality "cot"
+
+  c.model = ml_collections.ConfigDict()
+  c.model.d_model = 768
+  c.model.n_layers = 12
+  c.model.n_heads = 12
+  c.model.n_kv_heads = 12
+  c.model.d_ff = 3072
+  c.model.norm_eps = 1e-5
+  c.model.init_std = 0.02
+  c.model.dtype = "float32"        # activation / compute dtype
+  c.model.param_dtype = "float32"
+
+  c.pe = ml_collections.ConfigDict()
+  c.pe.kind = "bipe_rope"         # see bipe_jax.encodings.KINDS
+  c.pe.max_intra = 1024           # intra table size; ids clip to max_intra - 1
+  c.pe.intra = "learned"          # learned | sinusoidal (bilevel kinds)
+  c.pe.rope_base = 10000.0
+  c.pe.alibi_multiplier = 0.0     # 0 = the kind's default (96 bipe_alibi, 1 alibi)
+
+  c.attention = ml_collections.ConfigDict()
+  c.attention.impl = "auto"       # auto | reference
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 256
+  c.train.steps = 100_000
+  c.train.lr = 1e-4
+  c.train.warmup_steps = 10_000
+  c.train.schedule = "polynomial"  # polynomial | cosine
+  c.train.end_lr_factor = 0.0      # final lr = lr * end_lr_factor
+  c.train.poly_power = 1.0
+  c.train.weight_decay = 0.01
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.clip_norm = 1.0
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.lengths = (1024, 2048, 3072, 4096, 5120, 6144, 8192)
+  c.eval.max_tokens = 262_144      # held-out tokens per length (0 = all)
+  c.eval.batch_tokens = 16_384     # tokens per forward pass
+  return c

@@ -1,0 +1,8 @@
+"""The paper's BiPE-ALiBi 151M model: the BiPE-RoPE setup with pe.kind="bipe_alibi"."""
+from configs import bipe_rope_151m
+
+
+def get_config():
+  c = bipe_rope_151m.get_config()
+  c.pe.kind = "bipe_alibi"
+  return c
