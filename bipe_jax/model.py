@@ -144,11 +144,15 @@ class PositionTable(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Returns float32 logits [B, L, V] for a batch dict (see bipe_jax.data.pipeline)."""
+  """Returns float32 logits [B, L, V] for a batch dict (see bipe_jax.data.pipeline).
+
+  `train=True` is passed by the train step together with an rng stream named
+  "positions" (for encodings that randomise positions during training).
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, batch):
+  def __call__(self, batch, train: bool = False):
     c = self.cfg
     enc = encodings.get(c.pe_kind)
     embed = self.param("embed", _init(c.init_std, "vocab", "embed"),
