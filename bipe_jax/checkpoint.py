@@ -1,0 +1,91 @@
+"""orbax checkpoints of the train state and the data-iterator state.
+
+Layout: <workdir>/checkpoints/<step>/{state,data}; <workdir>/model.json holds
+the model shape the checkpoints were made with, checked before any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from absl import logging
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def check_model(workdir: str, model_cfg) -> None:
+  """Records the model shape in the work dir, or fails if it holds another one."""
+  path = os.path.join(workdir, "model.json")
+  current = dataclasses.asdict(model_cfg)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    has_ckpt = latest_step(workdir) is not None
+    diff = {k: (saved.get(k), v) for k, v in current.items()
+            if k in _SHAPE_KEYS and saved.get(k) != v}
+    if diff and has_ckpt:
+      lines = ", ".join(f"{k}: saved {a!r} vs configured {b!r}" for k, (a, b) in diff.items())
+      raise CheckpointError(
+          f"work dir {workdir} holds checkpoints of a different model ({lines}); "
+          "use a new --workdir, or set the config back to the saved shape to resume")
+  with open(path, "w") as f:
+    json.dump(current, f, indent=1)
+
+
+_SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+               "pe_kind", "max_intra", "intra", "param_dtype")
+
+
+def _dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def latest_step(workdir: str) -> int | None:
+  if not os.path.isdir(_dir(workdir)):
+    return None
+  with ocp.CheckpointManager(_dir(workdir), item_names=("state", "data")) as m:
+    return m.latest_step()
+
+
+class Checkpointer:
+  """Saves every `every` steps (asynchronously), keeps the last `keep`."""
+
+  def __init__(self, workdir: str, every: int = 1000, keep: int = 3):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=every, create=True,
+        enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(_dir(workdir), options=options,
+                                         item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_state: dict | None, force: bool = False) -> bool:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state or {}))
+    saved = self.manager.save(step, args=args, force=force)
+    if saved:
+      logging.info("checkpoint: saving step %d (asynchronously)", step)
+    return saved
+
+  def restore(self, step: int | None, abstract_state, with_data: bool = True):
+    """Returns (state, data_state) at `step` (latest when None)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.manager.directory}")
+    if step not in self.manager.all_steps():
+      raise CheckpointError(f"no checkpoint at step {step} in {self.manager.directory}; "
+                            f"saved steps: {list(self.manager.all_steps())}")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if with_data:
+      items["data"] = ocp.args.JsonRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return out["state"], (out["data"] if with_data else None)
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

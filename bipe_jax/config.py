@@ -1,0 +1,131 @@
+"""Config checks that run before any work: unknown keys, invalid choices, shapes.
+
+Every error names the key, the offending value and what would be valid.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+
+import ml_collections
+
+from bipe_jax import attention, encodings
+
+
+class ConfigError(ValueError):
+  pass
+
+
+CHOICES = {
+    "data.format": ("auto", "text", "jsonl", "arrayrecord"),
+    "data.packing": ("windows", "documents"),
+    "segmentation.modality": ("text", "code", "cot"),
+    "pe.intra": ("learned", "sinusoidal"),
+    "train.schedule": ("polynomial", "cosine"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+}
+
+
+def flat_keys(c: ml_collections.ConfigDict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in c.items():
+    path = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(flat_keys(v, path + "."))
+    else:
+      out[path] = v
+  return out
+
+
+def base_keys() -> set[str]:
+  from configs import base  # pylint: disable=g-import-not-at-top
+  return set(flat_keys(base.get_config()))
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a config file path (what --config= names)."""
+  spec = importlib.util.spec_from_file_location("_bipe_config", path)
+  if spec is None:
+    raise ConfigError(f"cannot load config file {path!r}: pass a .py file such "
+                      "as configs/quickstart.py")
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except FileNotFoundError:
+    raise ConfigError(f"config file {path!r} does not exist") from None
+  return module.get_config()
+
+
+def check_overrides(argv: list[str]) -> None:
+  """Fails on `--config.KEY=...` for a KEY the base config does not declare.
+
+  Runs before absl parses flags so the user sees one clear line instead of a
+  traceback from ml_collections.
+  """
+  known = base_keys()
+  for arg in argv:
+    m = re.match(r"--config\.([\w.]+)(=|$)", arg)
+    if m and m.group(1) not in known:
+      raise ConfigError(_unknown(m.group(1), known))
+
+
+def _unknown(key: str, known: set[str]) -> str:
+  section = key.rsplit(".", 1)[0] if "." in key else ""
+  near = sorted(k for k in known if k.startswith(section + ".")) if section else []
+  hint = f"; keys under {section!r}: {', '.join(near)}" if near else (
+      f"; top-level sections: {', '.join(sorted({k.split('.')[0] for k in known}))}")
+  return f"unknown config key {key!r}{hint}"
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for the first problem found; returns None when valid."""
+  known = base_keys()
+  for key in flat_keys(config):
+    if key not in known:
+      raise ConfigError(_unknown(key, known))
+  flat = flat_keys(config)
+  for key, valid in CHOICES.items():
+    if flat[key] not in valid:
+      raise ConfigError(f"invalid {key}={flat[key]!r}; valid: {', '.join(valid)}")
+  if config.pe.kind not in encodings.KINDS:
+    raise ConfigError(f"invalid pe.kind={config.pe.kind!r}; valid: "
+                      f"{', '.join(sorted(encodings.KINDS))}")
+  try:
+    attention.dispatch.check(config.attention.impl)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  m = config.model
+  _positive(flat, "model.d_model", "model.n_layers", "model.n_heads",
+            "model.n_kv_heads", "model.d_ff", "data.seq_len", "pe.max_intra",
+            "train.batch_size", "train.steps", "train.log_every",
+            "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_tokens")
+  if m.d_model % m.n_heads:
+    raise ConfigError(f"model.d_model={m.d_model} must be divisible by "
+                      f"model.n_heads={m.n_heads}")
+  if m.n_heads % m.n_kv_heads:
+    raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of "
+                      f"model.n_kv_heads={m.n_kv_heads}")
+  if encodings.get(config.pe.kind).rotary and (m.d_model // m.n_heads) % 2:
+    raise ConfigError(f"pe.kind={config.pe.kind!r} rotates pairs of dims: head dim "
+                      f"{m.d_model // m.n_heads} must be even")
+  if not 0.0 <= config.data.heldout_fraction < 1.0:
+    raise ConfigError(f"data.heldout_fraction={config.data.heldout_fraction} must be in [0, 1)")
+  if config.train.warmup_steps < 0 or config.train.lr <= 0:
+    raise ConfigError("train.lr must be > 0 and train.warmup_steps >= 0")
+  lengths = tuple(config.eval.lengths)
+  if not lengths or any(int(n) < 1 for n in lengths):
+    raise ConfigError(f"eval.lengths={lengths} must be a non-empty list of positive ints")
+
+
+def _positive(flat, *keys):
+  for k in keys:
+    if not isinstance(flat[k], int) or flat[k] < 1:
+      raise ConfigError(f"{k}={flat[k]!r} must be a positive integer")
+
+
+def fail(e: Exception) -> None:
+  """Prints a config error as one line and exits with status 2."""
+  print(f"error: {e}", file=sys.stderr)
+  sys.exit(2)

@@ -1,0 +1,154 @@
+"""Perplexity by evaluation length from a restored checkpoint.
+
+    bipe-eval --workdir=runs/quickstart [--step=N] [--lengths=128,256,512,1024]
+
+Held-out documents are concatenated and cut into non-overlapping blocks of each
+length (remainder dropped), as in the paper. Prints a table; writes
+<workdir>/eval.json and <workdir>/eval.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+from absl import app, flags
+import jax
+import ml_collections
+import numpy as np
+
+from bipe_jax import checkpoint
+from bipe_jax import config as config_lib
+from bipe_jax.data import pipeline
+from bipe_jax.trainer import Trainer
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise checkpoint.CheckpointError(
+        f"{path} not found: --workdir must be a directory written by bipe-train")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(config, workdir: str, vocab_size: int, step: int | None = None):
+  trainer = Trainer(config, vocab_size)
+  checkpoint.check_model(workdir, trainer.model_cfg)
+  ckpt = checkpoint.Checkpointer(workdir)
+  try:
+    state, _ = ckpt.restore(step, trainer.abstract_state(), with_data=False)
+  finally:
+    ckpt.close()
+  return trainer, state
+
+
+def perplexities(trainer: Trainer, params, config, corpus, lengths, max_tokens: int,
+                 batch_tokens: int, log=print) -> list[dict]:
+  """[{length, ppl, nll, tokens, seconds}] for each evaluation length."""
+  eval_fn = jax.jit(trainer.eval_loss)
+  rows = []
+  for length in lengths:
+    t0 = time.time()
+    total, count = 0.0, 0.0
+    for batch in pipeline.eval_batches(config, corpus, length, max_tokens, batch_tokens):
+      s, c = eval_fn(params, batch)
+      total, count = total + float(s), count + float(c)
+    nll = total / max(count, 1.0)
+    rows.append(dict(length=int(length), ppl=math.exp(nll), nll=nll, tokens=int(count),
+                     seconds=time.time() - t0))
+    log(f"  length {length:>6}: ppl {rows[-1]['ppl']:10.3f}  ({int(count):,} tokens, "
+        f"{rows[-1]['seconds']:.1f}s)")
+  return rows
+
+
+def evaluate(workdir: str, step: int | None = None, lengths=None) -> dict:
+  config = load_config(workdir)
+  config_lib.validate(config)
+  lengths = tuple(int(n) for n in (lengths or config.eval.lengths))
+  corpus = pipeline.prepare(config, workdir)
+  trainer, state = restore_params(config, workdir, corpus.vocab_size, step)
+  step = int(state.step)
+  train_len = config.data.seq_len
+  print(f"evaluating step {step} of {workdir} (pe.kind={config.pe.kind}, "
+        f"trained at {train_len} tokens)", flush=True)
+  rows = perplexities(trainer, state.params, config, corpus, lengths,
+                      config.eval.max_tokens, config.eval.batch_tokens)
+  unigram = pipeline.unigram_perplexity(_heldout_targets(corpus, min(lengths), config.eval.max_tokens))
+  result = dict(workdir=os.path.abspath(workdir), step=step, pe_kind=config.pe.kind,
+                train_length=train_len, unigram_ppl=unigram, results=rows)
+  print(format_table(result))
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  plot(result, os.path.join(workdir, "eval.png"))
+  print(f"wrote {os.path.join(workdir, 'eval.json')} and {os.path.join(workdir, 'eval.png')}")
+  return result
+
+
+def _heldout_targets(corpus, length: int, max_tokens: int) -> np.ndarray:
+  """The target tokens the shortest evaluation length scores (for the unigram baseline)."""
+  n_blocks = (len(corpus.heldout_tokens) - 1) // length
+  if max_tokens:
+    n_blocks = max(1, min(n_blocks, max_tokens // length))
+  return corpus.heldout_tokens[1: n_blocks * length + 1]
+
+
+def format_table(result: dict) -> str:
+  lines = [f"{'length':>8} {'x train':>8} {'perplexity':>12} {'tokens':>10}"]
+  for r in result["results"]:
+    lines.append(f"{r['length']:>8} {r['length'] / result['train_length']:>7.1f}x "
+                 f"{r['ppl']:>12.3f} {r['tokens']:>10,}")
+  lines.append(f"unigram perplexity of the same held-out tokens: {result['unigram_ppl']:.3f}")
+  return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  xs = [r["length"] for r in result["results"]]
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot(xs, [r["ppl"] for r in result["results"]], marker="o", label=result["pe_kind"])
+  ax.axvline(result["train_length"], color="gray", linestyle="--", linewidth=1, label="training length")
+  ax.axhline(result["unigram_ppl"], color="red", linestyle=":", linewidth=1, label="unigram")
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("evaluation length (tokens)")
+  ax.set_ylabel("perplexity")
+  ax.set_title(f"step {result['step']}")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def define_flags() -> None:
+  """CLI flags; defined only when run as a program, so importing stays side-effect free."""
+  flags.DEFINE_string("workdir", None, "A work dir written by bipe-train.")
+  flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
+  flags.DEFINE_list("lengths", None, "Evaluation lengths (default: config eval.lengths).")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  if f.workdir is None:
+    raise app.UsageError("--workdir=DIR is required")
+  try:
+    lengths = [int(n) for n in f.lengths] if f.lengths else None
+    evaluate(f.workdir, f.step, lengths)
+  except (config_lib.ConfigError, checkpoint.CheckpointError, ValueError, OSError) as e:
+    config_lib.fail(e)
+
+
+def run() -> None:
+  """Console entry point `bipe-eval`."""
+  define_flags()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
