@@ -23,6 +23,7 @@ CHOICES = {
     "segmentation.modality": ("text", "code", "cot"),
     "pe.intra": ("learned", "sinusoidal"),
     "train.schedule": ("polynomial", "cosine"),
+    "train.on_nonfinite": ("stop", "skip"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
 }

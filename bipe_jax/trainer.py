@@ -77,8 +77,14 @@ class Trainer:
     (loss, count), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+    if self.config.train.on_nonfinite == "skip":
+      # Keep the old params and moments; only the step counter moves on.
+      params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                       (params, opt_state), (state.params, state.opt_state))
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
+    return new, {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
 
   def eval_loss(self, params, batch) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(summed nll, token count) of a batch; jitted by the caller."""

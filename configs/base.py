@@ -72,6 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3
+  # A NaN/Inf loss, gradient or update: "stop" the run (naming the step and the
+  # last good checkpoint) or "skip" the update and count it.
+  c.train.on_nonfinite = "stop"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.lengths = (1024, 2048, 3072, 4096, 5120, 6144, 8192)
