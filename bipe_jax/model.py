@@ -16,8 +16,17 @@ from bipe_jax import attention as attn_lib
 from bipe_jax import encodings
 
 
+# Keys under `pe` that ModelConfig reads, with the defaults used when a config
+# predates a key (older saved configs still load).
+PE_KEYS = dict(max_intra=1024, intra="learned", rope_base=10000.0,
+               alibi_multiplier=0.0, xpos_scale_base=512.0,
+               max_random_position=8192, fire_hidden=32, fire_init_c=0.1,
+               fire_init_threshold=512.0, release_padding_row=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  """Decoder shape plus the `pe.*` fields the encoding's typed params read."""
   vocab_size: int
   d_model: int
   n_layers: int
@@ -33,22 +42,53 @@ class ModelConfig:
   intra: str = "learned"
   rope_base: float = 10000.0
   alibi_multiplier: float = 0.0
-  max_positions: int = 1024   # absolute-position table size (absolute kinds)
+  xpos_scale_base: float = 512.0
+  max_random_position: int = 8192
+  fire_hidden: int = 32
+  fire_init_c: float = 0.1
+  fire_init_threshold: float = 512.0
+  release_padding_row: bool = False
+  max_positions: int = 1024   # learned absolute table size (data.seq_len)
   attention_impl: str = "auto"
+
+  def __post_init__(self):
+    if self.d_model % self.n_heads:
+      raise ValueError(f"model.d_model={self.d_model} must be divisible by "
+                       f"model.n_heads={self.n_heads}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of "
+                       f"model.n_kv_heads={self.n_kv_heads}")
+    enc = self.encoding  # raises on an unknown pe.kind, naming the valid ones
+    if enc.rotary and self.head_dim % 2:
+      raise ValueError(f"pe.kind={self.pe_kind!r} rotates pairs of dims: head "
+                       f"dim {self.head_dim} must be even")
+    self.pe_params, self.intra_params  # pylint: disable=pointless-statement
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
 
+  @property
+  def encoding(self) -> encodings.Encoding:
+    return encodings.get(self.pe_kind)
+
+  @property
+  def pe_params(self) -> encodings.params.Params:
+    """Typed parameters of this kind's position part (validated)."""
+    return self.encoding.params(self)
+
+  @property
+  def intra_params(self) -> encodings.params.IntraParams | None:
+    return self.encoding.intra_params(self)
+
   @classmethod
   def from_config(cls, config, vocab_size: int) -> "ModelConfig":
     m, pe = config.model, config.pe
+    pe_fields = {k: pe.get(k, default) for k, default in PE_KEYS.items()}
     return cls(vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers,
                n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, d_ff=m.d_ff,
                norm_eps=m.norm_eps, init_std=m.init_std, dtype=m.dtype,
-               param_dtype=m.param_dtype, pe_kind=pe.kind,
-               max_intra=pe.max_intra, intra=pe.intra, rope_base=pe.rope_base,
-               alibi_multiplier=pe.alibi_multiplier,
+               param_dtype=m.param_dtype, pe_kind=pe.kind, **pe_fields,
                max_positions=config.data.seq_len,
                attention_impl=config.attention.impl)
 
@@ -74,25 +114,16 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, batch):
+  def __call__(self, x_BLD, batch, pos_BL):
     c = self.cfg
-    enc = encodings.get(c.pe_kind)
     dense = lambda n, feats, axes: nn.DenseGeneral(
         feats, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
         kernel_init=_init(c.init_std, *axes), name=n)
     q_BLHD = dense("q", (c.n_heads, c.head_dim), ("embed", "heads", "head_dim"))(x_BLD)
     k_BLKD = dense("k", (c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))(x_BLD)
     v_BLKD = dense("v", (c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))(x_BLD)
-    pos_BL = batch["inter"] if enc.position == "inter" else batch["positions"]
-    if enc.rotary == "rope":
-      q_BLHD = encodings.apply_rope(q_BLHD, pos_BL, c.rope_base)
-      k_BLKD = encodings.apply_rope(k_BLKD, pos_BL, c.rope_base)
-    bias = None
-    if enc.bias == "alibi":
-      mult = c.alibi_multiplier or enc.default_alibi_multiplier
-      slopes_H = jnp.asarray(encodings.alibi_slopes(c.n_heads, mult))
-      pos32_BL = pos_BL.astype(jnp.float32)
-      bias = attn_lib.Bias(slopes_H, pos32_BL, pos32_BL)
+    q_BLHD, k_BLKD, bias = encodings.RelativeEncoding(
+        c.encoding, c.pe_params, c.n_heads, c.param_dtype, name="pe")(q_BLHD, k_BLKD, pos_BL)
     kernel = attn_lib.get(c.attention_impl)
     out_BLHD = kernel(q_BLHD, k_BLKD, v_BLKD, q_doc_BT=batch["doc_ids"],
                       k_doc_BS=batch["doc_ids"], bias=bias)
@@ -119,53 +150,38 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, batch):
+  def __call__(self, x_BLD, batch, pos_BL):
     c = self.cfg
-    x_BLD = x_BLD + Attention(c, name="attn")(RMSNorm(c.norm_eps, c.param_dtype, name="attn_norm")(x_BLD), batch)
+    h_BLD = RMSNorm(c.norm_eps, c.param_dtype, name="attn_norm")(x_BLD)
+    x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, batch, pos_BL)
     return x_BLD + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.param_dtype, name="mlp_norm")(x_BLD))
-
-
-class PositionTable(nn.Module):
-  """Absolute table over ids [0, size): learned (normal 0.02) or fixed sinusoidal."""
-  size: int
-  d_model: int
-  learned: bool
-  init_std: float
-  param_dtype: str
-
-  @nn.compact
-  def __call__(self, ids_BL):
-    if self.learned:
-      table = self.param("table", _init(self.init_std, "positions", "embed"),
-                         (self.size, self.d_model), self.param_dtype)
-    else:
-      table = jnp.asarray(encodings.sinusoidal_table(self.size, self.d_model))
-    return jnp.take(table, jnp.minimum(ids_BL, self.size - 1), axis=0)
 
 
 class Decoder(nn.Module):
   """Returns float32 logits [B, L, V] for a batch dict (see bipe_jax.data.pipeline).
 
-  `train=True` is passed by the train step together with an rng stream named
-  "positions" (for encodings that randomise positions during training).
+  The batch needs tokens, positions, doc_ids, and intra/inter for bilevel
+  kinds (all [B, L] int). `train=True` is passed by the train step together
+  with an rng stream named "positions" (randomized kinds draw from it).
   """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, batch, train: bool = False):
     c = self.cfg
-    enc = encodings.get(c.pe_kind)
+    enc = c.encoding
     embed = self.param("embed", _init(c.init_std, "vocab", "embed"),
                        (c.vocab_size, c.d_model), c.param_dtype)
     x_BLD = jnp.take(embed, batch["tokens"], axis=0).astype(c.dtype)
-    if enc.input_term == "intra":
-      x_BLD += PositionTable(c.max_intra, c.d_model, c.intra == "learned", c.init_std,
-                             c.param_dtype, name="intra")(batch["intra"]).astype(c.dtype)
-    elif enc.input_term is not None:
-      x_BLD += PositionTable(c.max_positions, c.d_model, enc.input_term == "absolute_learned",
-                             c.init_std, c.param_dtype, name="absolute")(batch["positions"]).astype(c.dtype)
+    pe_BLD = encodings.InputEmbedding(
+        enc, c.pe_params, c.intra_params, c.d_model, c.init_std, c.param_dtype,
+        name="intra" if enc.input_term == "intra" else "absolute")(batch)
+    if pe_BLD is not None:
+      x_BLD = x_BLD + pe_BLD.astype(c.dtype)
+    key = self.make_rng("positions") if enc.randomized and train else None
+    pos_BL = encodings.attention_positions(enc, c.pe_params, batch, train, key)
     for i in range(c.n_layers):
-      x_BLD = Block(c, name=f"layer_{i}")(x_BLD, batch)
+      x_BLD = Block(c, name=f"layer_{i}")(x_BLD, batch, pos_BL)
     x_BLD = RMSNorm(c.norm_eps, c.param_dtype, name="final_norm")(x_BLD)
     head = self.param("lm_head", _init(c.init_std, "embed", "vocab"),
                       (c.d_model, c.vocab_size), c.param_dtype)

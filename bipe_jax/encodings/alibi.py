@@ -1,7 +1,10 @@
-"""ALiBi slopes (Press et al. 2022), as in BIPE_METHOD section 2."""
+"""ALiBi (Press et al. 2022): slopes as in BIPE_METHOD section 2, and its bias."""
 import math
 
+import jax.numpy as jnp
 import numpy as np
+
+from bipe_jax.attention.bias import Bias
 
 
 def _power_of_two_slopes(n: int) -> list[float]:
@@ -17,4 +20,18 @@ def alibi_slopes(n_heads: int, multiplier: float = 1.0) -> np.ndarray:
   slopes = _power_of_two_slopes(p)
   if p < n_heads:
     slopes += _power_of_two_slopes(2 * p)[0::2][: n_heads - p]
-  return np.asarray(slopes, dtype=np.float64).astype(np.float32) * np.float32(multiplier)
+  # Multiply before rounding to float32, as the release does.
+  return (np.asarray(slopes, dtype=np.float64) * multiplier).astype(np.float32)
+
+
+def alibi_bias(slopes_H, pos_BL, per_key: bool = False):
+  """ALiBi as a kernel bias object (bipe_jax.attention.Bias) over positions.
+
+  Full form: score[b,h,i,j] += -m_h (pos[i] - pos[j]). `per_key=True` gives the
+  release's form +m_h pos[j], equal after softmax under a causal mask (the
+  -m_h pos[i] term is constant along a query row) but less precise in float32
+  once m_h pos grows large, so the model uses the full form.
+  """
+  pos32_BL = pos_BL.astype(jnp.float32)
+  q_pos_BL = jnp.zeros_like(pos32_BL) if per_key else pos32_BL
+  return Bias(jnp.asarray(slopes_H, jnp.float32), q_pos_BL, pos32_BL)

@@ -1,0 +1,33 @@
+"""xPos (Sun et al. 2022): RoPE whose score decays exponentially with distance.
+
+Frequency i gets zeta_i = (2i/D + 0.4) / 1.4 in (0, 1). Queries are scaled by
+zeta^(n/scale_base) and keys by zeta^(-m/scale_base), so the score of query n
+and key m carries zeta^((n-m)/scale_base): a decay in the relative distance
+only, applied here in the rotate-half layout (pair (i, i + D/2) <-> frequency i).
+
+`center` is subtracted from positions inside the scale only: it cancels in
+the score and keeps zeta^(+-pos/scale_base) inside float32 range for long
+inputs (torchscale centres the same way).
+"""
+import jax.numpy as jnp
+
+from bipe_jax.encodings.rope import rope_angles, rotate
+
+
+def xpos_zeta(head_dim: int):
+  """[D/2] float32 per-frequency decay bases zeta_i = (2i/D + 0.4) / 1.4."""
+  return (jnp.arange(0, head_dim, 2, dtype=jnp.float32) + 0.4 * head_dim) / (1.4 * head_dim)
+
+
+def apply_xpos(x_BLHD, pos_BL, *, key: bool, base: float = 10000.0,
+               scale_base: float = 512.0, center: float = 0.0):
+  """Rotates like RoPE and scales by zeta^(+-(pos - center)/scale_base).
+
+  x [B, L, H, D]; pos [B, L] ints; key=False for queries (scale up),
+  key=True for keys (scale down). Returns x's dtype.
+  """
+  d = x_BLHD.shape[-1]
+  rel_BL = pos_BL.astype(jnp.float32) - jnp.float32(center)
+  power_BL1 = (rel_BL / scale_base)[..., None]
+  scale_BLF = xpos_zeta(d) ** (-power_BL1 if key else power_BL1)
+  return rotate(x_BLHD, rope_angles(pos_BL, d, base), scale_BLF)
