@@ -10,6 +10,7 @@ stand-in being one of its pieces; any other model (e.g. Llama's) is used as is.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -243,13 +244,35 @@ def check_no_inner_newline(tok: Tokenizer):
                      f"{bad[:5]}; segments would not align with lines")
 
 
+def _rare_characters(texts: Sequence[str], vocab_size: int) -> str:
+  """Characters to leave out of a tiny vocabulary (they fall back to bytes).
+
+  Every character of the sample costs a piece on top of the 260 special and
+  byte pieces, and SentencePiece will not cover less than 98% of characters; in
+  a tiny vocabulary we keep only the most frequent characters so that about a
+  quarter of the room is left for merges. Byte fallback still round-trips.
+  """
+  room = vocab_size - 4 - 256
+  if room < 8:
+    raise ValueError(f"tokenizer.vocab_size {vocab_size} is too small: 260 ids go to "
+                     "special and byte pieces; use at least 268 (300+ is sensible)")
+  counts = collections.Counter()
+  for t in texts:
+    counts.update(t)
+  counts.pop("\n", None)  # Becomes the stand-in, which is always kept.
+  keep = max(1, int(room * 0.75)) - 1
+  if len(counts) <= keep:
+    return ""
+  return "".join(c for c, _ in counts.most_common()[keep:])
+
+
 def train_tokenizer(texts: Sequence[str], model_prefix: str, vocab_size: int,
                     num_threads: int | None = None) -> Tokenizer:
   """Trains a BPE SentencePiece model on `texts`; writes `<model_prefix>.model`.
 
   The vocabulary holds 4 special pieces (unk 0, BOS 1, EOS 2, pad 3), 256 byte
-  pieces and every character of the sample, so `vocab_size` must exceed
-  260 + (distinct characters).
+  pieces, the sample's characters (only the most frequent ones when the
+  vocabulary is tiny) and BPE merges; `vocab_size` must be at least 268.
   """
   texts = list(texts)
   if not any(texts):
@@ -258,6 +281,11 @@ def train_tokenizer(texts: Sequence[str], model_prefix: str, vocab_size: int,
   if standin is None:
     raise ValueError(f"every newline stand-in {NEWLINE_STANDINS} occurs in the "
                      "training sample; cannot keep line structure")
+  rare = _rare_characters(texts, vocab_size)
+  if rare:
+    # Turned into delimiters: never learnt, and no merge spans where they were.
+    drop = str.maketrans({c: _DELIMITER for c in rare})
+    texts = [t.translate(drop) for t in texts]
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
@@ -272,8 +300,7 @@ def train_tokenizer(texts: Sequence[str], model_prefix: str, vocab_size: int,
         num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as e:
     raise ValueError(f"SentencePiece training with vocab_size={vocab_size} failed: "
-                     f"{e}. The vocabulary must exceed 260 special and byte "
-                     "pieces plus every distinct character of the sample.") from e
+                     f"{e}") from e
   path = model_prefix + ".model"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
