@@ -319,9 +319,12 @@ def _take_bytes(texts: Iterable[str], max_bytes: int) -> list[str]:
   for t in texts:
     if total >= max_bytes:
       break
-    t = t[:max(0, max_bytes - total)]  # Chars >= bytes, so this is an upper bound.
+    raw = t.encode("utf-8")
+    if total + len(raw) > max_bytes:  # Cut the last one at a character boundary.
+      raw = raw[:max_bytes - total]
+      t = raw.decode("utf-8", errors="ignore")
     out.append(t)
-    total += len(t.encode("utf-8"))
+    total += len(raw)
   return out
 
 
