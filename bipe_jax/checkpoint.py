@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 from absl import logging
 import orbax.checkpoint as ocp
@@ -72,19 +73,52 @@ class Checkpointer:
       logging.info("checkpoint: saving step %d (asynchronously)", step)
     return saved
 
+  def should_save(self, step: int) -> bool:
+    """True at the save cadence and when the runtime announced a preemption."""
+    return self.manager.should_save(step) or self.manager.reached_preemption(step)
+
   def restore(self, step: int | None, abstract_state, with_data: bool = True):
-    """Returns (state, data_state) at `step` (latest when None)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    """Returns (step, state, data_state): `step`, or the newest readable one.
+
+    With `step=None` an unreadable checkpoint (partial, truncated, corrupted)
+    is moved aside to <workdir>/checkpoints_unreadable/ with a warning and the
+    previous one is tried, so nothing saved is deleted and a resume continues.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(f"no checkpoint at step {step} in {self.manager.directory}; "
+                              f"saved steps: {sorted(steps)}")
+      return step, *self._restore(step, abstract_state, with_data)
+    if not steps:
       raise CheckpointError(f"no checkpoint in {self.manager.directory}")
-    if step not in self.manager.all_steps():
-      raise CheckpointError(f"no checkpoint at step {step} in {self.manager.directory}; "
-                            f"saved steps: {list(self.manager.all_steps())}")
+    for s in steps:
+      try:
+        return s, *self._restore(s, abstract_state, with_data)
+      except Exception as e:  # pylint: disable=broad-except
+        moved = self._set_aside(s)
+        logging.warning("checkpoint at step %d is unreadable (%s: %s); moved it to %s "
+                        "and falling back to the previous one", s, type(e).__name__,
+                        str(e).splitlines()[0][:200], moved)
+        print(f"warning: checkpoint step {s} is unreadable; moved to {moved}; "
+              "trying the previous checkpoint", flush=True)
+    raise CheckpointError(f"no readable checkpoint in {self.manager.directory}")
+
+  def _restore(self, step, abstract_state, with_data):
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if with_data:
       items["data"] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     return out["state"], (out["data"] if with_data else None)
+
+  def _set_aside(self, step: int) -> str:
+    src = os.path.join(str(self.manager.directory), str(step))
+    dst_root = os.path.join(os.path.dirname(str(self.manager.directory)), "checkpoints_unreadable")
+    os.makedirs(dst_root, exist_ok=True)
+    dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
+    os.rename(src, dst)
+    self.manager.reload()
+    return dst
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -39,7 +39,7 @@ def restore_params(config, workdir: str, vocab_size: int, step: int | None = Non
   checkpoint.check_model(workdir, trainer.model_cfg)
   ckpt = checkpoint.Checkpointer(workdir)
   try:
-    state, _ = ckpt.restore(step, trainer.abstract_state(), with_data=False)
+    _, state, _ = ckpt.restore(step, trainer.abstract_state(), with_data=False)
   finally:
     ckpt.close()
   return trainer, state

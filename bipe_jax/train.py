@@ -8,6 +8,7 @@ Starting again with the same --workdir resumes from its latest checkpoint.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -21,8 +22,36 @@ from bipe_jax.data import pipeline
 from bipe_jax.trainer import Trainer, lr_schedule
 
 
+class Diverged(RuntimeError):
+  """A non-finite loss, gradient or update with train.on_nonfinite = "stop"."""
+
+
+class _SignalFlag:
+  """Turns SIGTERM (preemption, scancel, kill) into a request to checkpoint and stop."""
+
+  def __init__(self):
+    self.received = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM,):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
 def train(config, workdir: str) -> dict:
-  """Trains (or resumes) in `workdir`; returns {"losses": {step: loss}, "step": last}."""
+  """Trains (or resumes) in `workdir`.
+
+  Returns {"losses": {step: loss}, "step": last step, "skipped": [steps],
+  "stopped_by": signal name or None}.
+  """
   config_lib.validate(config)
   _prepare_workdir(workdir)
   corpus = pipeline.prepare(config, workdir)
@@ -34,9 +63,8 @@ def train(config, workdir: str) -> dict:
   t = config.train
   ckpt = checkpoint.Checkpointer(workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
   data_iter = pipeline.train_iterator(config, corpus)
-  start = ckpt.latest_step()
-  if start is not None:
-    state, data_state = ckpt.restore(start, trainer.abstract_state())
+  if ckpt.latest_step() is not None:
+    start, state, data_state = ckpt.restore(None, trainer.abstract_state())
     data_iter.set_state(data_state)
     logging.info("resuming from checkpoint at step %d", start)
     print(f"resuming from step {start} in {workdir}", flush=True)
@@ -49,50 +77,84 @@ def train(config, workdir: str) -> dict:
 
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
   key = jax.random.key(config.seed + 1)
-  tokens_per_step = t.batch_size * config.data.seq_len
-  losses, pending = {}, None
-  t0 = t_log = time.time()
-  steps_since_log, first_logged = 0, False
+  log = _Progress(t, config.data.seq_len, start, writer)
+  result = {"losses": log.losses, "step": start, "skipped": log.skipped, "stopped_by": None}
+  pending = None
   try:
-    for step in range(start + 1, t.steps + 1):
-      batch = next(data_iter)
-      state, step_metrics = trainer.step(state, batch, key)
-      # Metrics are read one step late so the host never waits on the device.
-      if pending is not None:
-        _record(losses, pending)
-      pending = (step, step_metrics)
-      steps_since_log += 1
-      ckpt.save(step, state, data_iter.get_state())
-      if step % t.log_every == 0 or step == t.steps:
-        _record(losses, pending)
-        now = time.time()
-        rate = steps_since_log * tokens_per_step / max(now - t_log, 1e-9)
-        done = step - start
-        eta = (now - t0) / done * (t.steps - step)
-        loss = losses[step]
-        lr = float(lr_schedule(t)(step))
-        print(f"step {step}/{t.steps} | loss {loss:.4f} | {rate:,.0f} tok/s | lr {lr:.2e} "
-              f"| elapsed {metrics.format_duration(now - t0)} | eta {metrics.format_duration(eta)}"
-              + ("" if first_logged else " (includes compilation)"), flush=True)
-        writer.write(step, {"train/loss": loss, "train/tokens_per_s": rate, "train/lr": lr,
-                            "train/grad_norm": float(pending[1]["grad_norm"])})
-        first_logged, t_log, steps_since_log = True, now, 0
-    if pending is not None:
-      _record(losses, pending)
-    final = int(state.step)
-    ckpt.save(final, state, data_iter.get_state(), force=final not in ckpt.manager.all_steps())
+    with _SignalFlag() as signals:
+      for step in range(start + 1, t.steps + 1):
+        batch = next(data_iter)
+        state, step_metrics = trainer.step(state, batch, key)
+        # Metrics are read one step late so the host never waits on the device...
+        if pending is not None:
+          log.record(*pending, ckpt)
+        pending = (step, step_metrics)
+        result["step"] = step
+        stop = signals.received is not None
+        save = stop or step == t.steps or ckpt.should_save(step)
+        if save or step % t.log_every == 0:
+          # ...except before a save (a non-finite state is never written) and
+          # on log steps.
+          log.record(*pending, ckpt)
+          pending = None
+          if save:
+            ckpt.save(step, state, data_iter.get_state(), force=True)
+          if step % t.log_every == 0 or step == t.steps or stop:
+            log.print_line(step)
+        if stop:
+          result["stopped_by"] = signals.received
+          print(f"received {signals.received}: saved a checkpoint at step {step}; "
+                "run the same command again to resume", flush=True)
+          break
   finally:
     ckpt.close()
     writer.close()
-  print(f"training done at step {final}; checkpoints in {os.path.join(workdir, 'checkpoints')}",
-        flush=True)
-  return {"losses": losses, "step": final}
+  if result["stopped_by"] is None:
+    print(f"training done at step {result['step']}; checkpoints in "
+          f"{os.path.join(workdir, 'checkpoints')}", flush=True)
+  return result
 
 
-def _record(losses: dict, pending) -> None:
-  step, m = pending
-  if step not in losses:
-    losses[step] = float(m["loss"])
+class _Progress:
+  """Records per-step losses, checks finiteness, prints and logs progress lines."""
+
+  def __init__(self, t, seq_len: int, start: int, writer):
+    self.t, self.start, self.writer = t, start, writer
+    self.tokens_per_step = t.batch_size * seq_len
+    self.losses, self.skipped = {}, []
+    self.t0 = self.t_last = time.time()
+    self.last_step, self.first = start, True
+
+  def record(self, step: int, m: dict, ckpt) -> None:
+    if step in self.losses:
+      return
+    self.losses[step] = float(m["loss"])
+    self.grad_norm = float(m["grad_norm"])
+    if bool(m["finite"]):
+      return
+    if self.t.on_nonfinite == "skip":
+      self.skipped.append(step)
+      logging.warning("non-finite loss/gradient at step %d: update skipped (%d so far)",
+                      step, len(self.skipped))
+      return
+    good = ckpt.latest_step()
+    raise Diverged(
+        f"non-finite loss or gradient at step {step} (loss={self.losses[step]}); "
+        f"last good checkpoint: {'step ' + str(good) if good is not None else 'none'}. "
+        "Lower train.lr, or set train.on_nonfinite=skip to skip such updates")
+
+  def print_line(self, step: int) -> None:
+    now = time.time()
+    rate = (step - self.last_step) * self.tokens_per_step / max(now - self.t_last, 1e-9)
+    eta = (now - self.t0) / max(step - self.start, 1) * (self.t.steps - step)
+    loss, lr = self.losses[step], float(lr_schedule(self.t)(step))
+    print(f"step {step}/{self.t.steps} | loss {loss:.4f} | {rate:,.0f} tok/s | lr {lr:.2e} "
+          f"| elapsed {metrics.format_duration(now - self.t0)} | eta {metrics.format_duration(eta)}"
+          + (" (includes compilation)" if self.first else ""), flush=True)
+    self.writer.write(step, {"train/loss": loss, "train/tokens_per_s": rate, "train/lr": lr,
+                             "train/grad_norm": self.grad_norm,
+                             "train/skipped_updates": len(self.skipped)})
+    self.first, self.t_last, self.last_step = False, now, step
 
 
 def _prepare_workdir(workdir: str) -> None:
@@ -117,7 +179,7 @@ def main(argv) -> None:
     raise app.UsageError("both --config=FILE and --workdir=DIR are required")
   try:
     train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (config_lib.ConfigError, checkpoint.CheckpointError, ValueError, OSError) as e:
+  except (config_lib.ConfigError, checkpoint.CheckpointError, Diverged, ValueError, OSError) as e:
     config_lib.fail(e)
 
 
