@@ -351,6 +351,9 @@ def load_or_train(config, cache_dir: str, sample_texts_fn) -> Tokenizer:
         return Tokenizer.load(path)
     logging.info("cached tokenizer %s was trained with other settings; retraining", path)
   texts = _take_bytes(sample_texts_fn(), int(tc.sample_bytes))
+  if not any(texts):
+    raise ValueError(f"data.source {config.data.source!r} produced no training text "
+                     "to train the tokenizer on (no documents, or only empty ones)")
   logging.info("training a %d-piece tokenizer on %.1f MB of text", tc.vocab_size,
                sum(len(t.encode("utf-8")) for t in texts) / 1e6)
   tok = train_tokenizer(texts, os.path.join(cache_dir, "tokenizer"), int(tc.vocab_size))
