@@ -1,5 +1,13 @@
-"""Attention kernels taking per-token positions and document ids."""
-from bipe_jax.attention.bias import Bias
-from bipe_jax.attention.dispatch import IMPLS, get, resolve
+"""Attention kernels taking per-token positions and document ids.
 
-__all__ = ["Bias", "IMPLS", "get", "resolve"]
+Every kernel has the signature
+  fn(q_BTHD, k_BSKD, v_BSKD, *, q_doc_BT, k_doc_BS, bias=None, q_offset=0) -> out_BTHD
+(causal, document-masked, grouped kv heads, scale 1/sqrt(D), float32
+softmax, output in q's dtype). `get(impl)` picks one (see dispatch).
+"""
+from bipe_jax.attention import dispatch
+from bipe_jax.attention.bias import Bias
+from bipe_jax.attention.dispatch import IMPLS, check, get, resolve
+from bipe_jax.attention.shard import sharded
+
+__all__ = ["Bias", "IMPLS", "check", "dispatch", "get", "resolve", "sharded"]

@@ -1,23 +1,139 @@
-"""Picks an attention implementation from `attention.impl`."""
+"""Picks an attention implementation from `attention.impl`, the backend and the bias type.
+
+  reference  dense XLA, [B, H, T, S] scores; the test oracle, fastest for short rows on CPU
+  chunked    blockwise online softmax in plain JAX, any backend, any bias object
+  pallas     fused kernels (Triton on GPU, Mosaic on TPU), no bias or ALiBi `Bias`
+  cudnn      cuDNN flash attention, GPU, half precision, no bias
+  auto       the best valid one for the backend, bias type, length and dtype
+
+`get(impl)` returns a kernel that resolves on its first trace, from the actual
+arguments (bias object, sequence length, dtype), logs what `auto` chose, and
+runs under shard_map when a mesh is active. `check(impl, pe_kind=...)` rejects
+impossible combinations at config-validation time.
+"""
 from __future__ import annotations
 
-from bipe_jax.attention import reference
+import importlib
+import logging
 
-IMPLS = ("auto", "reference")
+import jax
+import jax.numpy as jnp
+
+from bipe_jax.attention import shard
+from bipe_jax.attention.bias import Bias
+
+IMPLS = ("auto", "reference", "chunked", "pallas", "cudnn")
+# On CPU `auto` uses the dense reference up to this many keys, chunked above
+# (measured crossover, see BENCHMARKS.md "attention kernels").
+AUTO_REFERENCE_MAX_LEN = 1024
+_HALF = (jnp.bfloat16, jnp.float16)
+_log = logging.getLogger(__name__)
+_logged: set = set()
 
 
-def check(impl: str) -> None:
+def bias_kind(bias) -> str:
+  """"none", "alibi" (the in-kernel `Bias`: slopes + positions) or "other" (e.g. FIRE)."""
+  if bias is None:
+    return "none"
+  return "alibi" if isinstance(bias, Bias) else "other"
+
+
+def _pe_bias_kind(pe_kind: str) -> str:
+  from bipe_jax import encodings  # late: encodings imports attention.bias
+  kind = encodings.get(pe_kind).bias
+  return "none" if kind is None else ("alibi" if kind == "alibi" else "other")
+
+
+def _backend(backend: str | None) -> str:
+  backend = backend or jax.default_backend()
+  return "gpu" if backend in ("cuda", "rocm", "gpu") else backend
+
+
+def valid_impls(backend: str | None = None, kind: str = "none", dtype=None) -> tuple:
+  """Concrete implementations that can run `kind` of bias on `backend`."""
+  backend = _backend(backend)
+  names = ["reference", "chunked"]
+  if backend in ("gpu", "tpu") and kind in ("none", "alibi"):
+    names.append("pallas")
+  if backend == "gpu" and kind == "none" and (dtype is None or jnp.dtype(dtype) in _HALF):
+    names.append("cudnn")
+  return tuple(names)
+
+
+def _describe(kind: str, encoding: str | None) -> str:
+  return f"encoding {encoding!r} (bias: {kind})" if encoding else f"bias: {kind}"
+
+
+def check(impl: str, pe_kind: str | None = None, backend: str | None = None) -> None:
+  """Raises ValueError unless `impl` is known and can run `pe_kind` on `backend`.
+
+  Without `pe_kind` only the name and the backend are checked.
+  """
   if impl not in IMPLS:
     raise ValueError(f"unknown attention.impl {impl!r}; valid: {', '.join(IMPLS)}")
+  if impl == "auto":
+    return
+  kinds = [_pe_bias_kind(pe_kind)] if pe_kind else ["none", "alibi", "other"]
+  backend = _backend(backend)
+  if not any(impl in valid_impls(backend, k) for k in kinds):
+    valid = valid_impls(backend, kinds[0])
+    what = f"cannot run {_describe(kinds[0], pe_kind)} on" if pe_kind else "is not available on"
+    raise ValueError(f"attention.impl={impl!r} {what} backend {backend!r}; "
+                     f"valid choices: auto, {', '.join(valid)}")
 
 
-def resolve(impl: str) -> str:
-  """The concrete implementation `impl` stands for on this backend."""
+def resolve(impl: str, bias=None, seq_len: int | None = None, backend: str | None = None,
+            dtype=None, *, kind: str | None = None, encoding: str | None = None) -> str:
+  """The concrete implementation `impl` stands for, given the call's bias, keys and dtype.
+
+  `kind` ("none" | "alibi" | "other") overrides the kind read from `bias`.
+  """
   check(impl)
-  return "reference" if impl == "auto" else impl
+  kind = kind or bias_kind(bias)
+  backend = _backend(backend)
+  valid = valid_impls(backend, kind, dtype)
+  if impl != "auto":
+    if impl not in valid:
+      raise ValueError(
+          f"attention.impl={impl!r} cannot run {_describe(kind, encoding)} on backend "
+          f"{backend!r} with dtype {jnp.dtype(dtype).name if dtype else 'any'}; "
+          f"valid choices: auto, {', '.join(valid)}")
+    return impl
+  if "cudnn" in valid:
+    return "cudnn"
+  if "pallas" in valid:
+    return "pallas"
+  if backend == "cpu" and seq_len is not None and seq_len <= AUTO_REFERENCE_MAX_LEN:
+    return "reference"
+  return "chunked"
 
 
-def get(impl: str):
-  """Returns attention(q, k, v, *, q_doc_BT, k_doc_BS, bias, q_offset)."""
-  name = resolve(impl)
-  return {"reference": reference.attention}[name]
+def kernel_fn(name: str, backend: str | None = None):
+  """The function implementing concrete `name` on `backend`."""
+  backend = _backend(backend)
+  module = {"reference": "reference", "chunked": "chunked", "cudnn": "cudnn",
+            "pallas": "pallas_gpu" if backend == "gpu" else "pallas_tpu"}[name]
+  return importlib.import_module(f"bipe_jax.attention.{module}").attention
+
+
+def get(impl: str, mesh=None, batch_axes=None):
+  """attention(q, k, v, *, q_doc_BT, k_doc_BS, bias=None, q_offset=0) for `impl`.
+
+  Resolution happens when the returned function is traced (it sees the bias
+  type, the key length and the dtype); with an active mesh of several devices
+  the kernel runs under shard_map (see attention.shard).
+  """
+  check(impl)
+
+  def attention(q_BTHD, k_BSKD, v_BSKD, *, q_doc_BT, k_doc_BS, bias=None, q_offset=0):
+    backend = _backend(None)
+    name = resolve(impl, bias, k_BSKD.shape[1], backend, q_BTHD.dtype)
+    key = (impl, name, backend, bias_kind(bias), k_BSKD.shape[1], jnp.dtype(q_BTHD.dtype).name)
+    if key not in _logged:
+      _logged.add(key)
+      _log.info("attention.impl=%s -> %s (backend %s, bias %s, %d keys, %s)", *key)
+    kernel = shard.sharded(kernel_fn(name, backend), mesh, batch_axes)
+    return kernel(q_BTHD, k_BSKD, v_BSKD, q_doc_BT=q_doc_BT, k_doc_BS=k_doc_BS,
+                  bias=bias, q_offset=q_offset)
+
+  return attention

@@ -1,0 +1,110 @@
+"""Long-context evaluation cost of the 151M BiPE models on this machine.
+
+For each encoding and length, a fresh subprocess builds the paper's 151M
+decoder (random weights), jits one evaluation forward pass (logits, then the
+mean next-token NLL), runs it once to compile, then times `--repeats` runs.
+It reports tokens/s (length / best run time) and the process's peak resident
+memory (max RSS, which includes parameters, compilation and XLA buffers).
+
+  python benchmarks/eval_long.py                       # 1024..32768, both kinds
+  python benchmarks/eval_long.py --lengths 8192 --kinds bipe_alibi --impl chunked
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+KINDS = ("bipe_rope", "bipe_alibi")
+MEAN_SEGMENT = 13   # tokens per line of code (BIPE_METHOD section 5)
+
+
+def _batch(length: int, seed: int = 0):
+  """Random tokens with a separator about every MEAN_SEGMENT tokens, one document."""
+  import numpy as np
+  from bipe_jax import positions
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, 32000, (1, length), dtype=np.int32)
+  sep = rng.random((1, length)) < 1.0 / MEAN_SEGMENT
+  intra, inter = positions.bilevel_ids(tokens, sep, max_intra=1024, per_token=True)
+  return dict(tokens=tokens, intra=intra, inter=inter,
+              positions=np.arange(length, dtype=np.int32)[None],
+              doc_ids=np.zeros((1, length), np.int32))
+
+
+def measure(kind: str, length: int, impl: str, repeats: int) -> dict:
+  """Runs in a fresh process: compile + timed evaluation passes, peak RSS."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from bipe_jax import attention
+  from bipe_jax.model import Decoder, ModelConfig
+
+  cfg = ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                    d_ff=3072, pe_kind=kind, max_intra=1024, attention_impl=impl)
+  model = Decoder(cfg)
+  # Initialise on a short batch: parameter shapes do not depend on length.
+  small = jax.tree.map(jnp.asarray, _batch(16))
+  params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), small)))()
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+
+  @jax.jit
+  def evaluate(params, batch):
+    logits_BLV = model.apply(params, batch)
+    # NLL without a second [L, V] array: logsumexp minus the target logit.
+    targets_BL = jnp.roll(batch["tokens"], -1, axis=1)
+    target_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    return jnp.mean(jax.nn.logsumexp(logits_BLV, axis=-1) - target_BL)
+
+  batch = jax.tree.map(jnp.asarray, _batch(length))
+  t0 = time.perf_counter()
+  loss = float(evaluate(params, batch))
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(evaluate(params, batch))
+    times.append(time.perf_counter() - t0)
+  resolved = attention.resolve(impl, kind=attention.dispatch._pe_bias_kind(kind),
+                               seq_len=length, dtype=jnp.float32)
+  return dict(kind=kind, length=length, impl=impl, resolved=resolved, params_m=n_params / 1e6,
+              loss=loss, first_call_s=first, best_s=min(times), tokens_per_s=length / min(times),
+              peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              load_avg=os.getloadavg()[0])
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+  ap.add_argument("--kinds", nargs="+", default=list(KINDS))
+  ap.add_argument("--impl", default="auto", help="attention.impl (auto | reference | chunked)")
+  ap.add_argument("--repeats", type=int, default=2, help="timed runs after the compile run")
+  ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  if args.one:
+    print(json.dumps(measure(args.kinds[0], args.lengths[0], args.impl, args.repeats)))
+    return
+  print(f"{'encoding':<11} {'length':>6} {'impl':>9} {'tokens/s':>9} {'peak RSS GB':>11} "
+        f"{'best s':>7} {'1st call s':>10} {'load':>5}", flush=True)
+  for kind in args.kinds:
+    for length in args.lengths:
+      cmd = [sys.executable, __file__, "--one", "--kinds", kind, "--lengths", str(length),
+             "--impl", args.impl, "--repeats", str(args.repeats)]
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+      if proc.returncode:
+        print(f"{kind:<11} {length:>6} FAILED (exit {proc.returncode}): "
+              f"{proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        continue
+      r = json.loads(proc.stdout.strip().splitlines()[-1])
+      print(f"{kind:<11} {length:>6} {r['resolved']:>9} {r['tokens_per_s']:>9.1f} "
+            f"{r['peak_rss_gb']:>11.2f} {r['best_s']:>7.2f} {r['first_call_s']:>10.1f} "
+            f"{r['load_avg']:>5.1f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
