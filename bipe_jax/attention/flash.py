@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from bipe_jax.attention import tiling
 from bipe_jax.attention.bias import Bias
@@ -63,12 +64,15 @@ def visible(i, j, off, bq: int, bk: int):
 
 def last_k_block(i, off, bq: int, bk: int, nk: int):
   """Index of the last key block query block i sees (clamped to the grid)."""
-  return jnp.clip((i * bq + bq - 1 + off) // bk, 0, nk - 1)
+  # lax.div truncates (no sign op, which Mosaic lowers per TPU generation);
+  # equal to floor division here since the numerator is >= 0.
+  return jnp.clip(lax.div(i * bq + bq - 1 + off, bk), 0, nk - 1)
 
 
 def first_q_block(j, off, bq: int, bk: int, nq: int):
   """Index of the first query block that sees key block j (clamped to the grid)."""
-  return jnp.clip((j * bk - off) // bq, 0, nq - 1)
+  # Truncation rounds a negative numerator up, to <= 0: clipped to 0 either way.
+  return jnp.clip(lax.div(j * bk - off, bq), 0, nq - 1)
 
 
 def make_vjp(forward, backward, name: str):

@@ -147,7 +147,7 @@ def _forward(st, q, k, v, qd, kd, qp, kp, sl, off):
   nq, nk = tp // st.bq, k.shape[2] // st.bk
   kv_block = lambda i, j, o: jnp.minimum(j, flash.last_k_block(i, o[0], st.bq, st.bk, nk))
   q_map = lambda b_, h_, i, j, o: (b_, h_, i, 0)
-  kv_map = lambda b_, h_, i, j, o: (b_, h_ // st.groups, kv_block(i, j, o), 0)
+  kv_map = lambda b_, h_, i, j, o: (b_, lax.div(h_, st.groups), kv_block(i, j, o), 0)
   in_specs = [pl.BlockSpec((None, None, st.bq, d), q_map),
               pl.BlockSpec((None, None, st.bk, d), kv_map),
               pl.BlockSpec((None, None, st.bk, d), kv_map),
@@ -258,7 +258,7 @@ def _backward(st, q, k, v, qd, kd, qp, kp, sl, off, out, lse, do):
   # dQ: grid over (batch, head, query block, key block).
   kv_block = lambda i, j, o: jnp.minimum(j, flash.last_k_block(i, o[0], st.bq, st.bk, nk))
   q_map = lambda b_, h_, i, j, o: (b_, h_, i, 0)
-  kv_map = lambda b_, h_, i, j, o: (b_, h_ // st.groups, kv_block(i, j, o), 0)
+  kv_map = lambda b_, h_, i, j, o: (b_, lax.div(h_, st.groups), kv_block(i, j, o), 0)
   q_spec = pl.BlockSpec((None, None, st.bq, d), q_map)
   kv_spec = pl.BlockSpec((None, None, st.bk, d), kv_map)
   row_spec = pl.BlockSpec((None, None, st.bq, LANES), q_map)
