@@ -1,0 +1,137 @@
+"""Decoder with every pe.kind: causality, training signal, config plumbing."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bipe_jax import encodings, positions
+from bipe_jax.model import Decoder, ModelConfig, loss_fn
+from configs import quickstart
+
+V, L = 64, 16
+KINDS = sorted(encodings.KINDS)
+
+
+def _cfg(kind, **kw):
+  base = dict(vocab_size=V, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32,
+              pe_kind=kind, max_intra=4, max_positions=L, max_random_position=4 * L,
+              fire_init_threshold=4.0, release_padding_row=kind.startswith("bipe"))
+  return ModelConfig(**{**base, **kw})
+
+
+def _batch(tokens, is_sep, doc_ids):
+  tokens = np.asarray(tokens, np.int32)
+  doc_ids = np.asarray(doc_ids, np.int32)
+  intra, inter = positions.bilevel_ids(tokens, is_sep, max_intra=4, doc_ids=doc_ids)
+  return dict(tokens=tokens, intra=intra, inter=inter, doc_ids=doc_ids,
+              positions=positions.flat_positions(doc_ids),
+              targets=np.roll(tokens, -1, axis=1), loss_mask=np.ones(tokens.shape, np.float32))
+
+
+def _distinct_tokens():
+  """Two rows, every token id used once, separators at a few positions, two
+  documents in row 1: the embedding row of a token is the input at its position."""
+  tokens = np.arange(2 * L).reshape(2, L) + 3
+  is_sep = np.zeros(V, bool)
+  is_sep[tokens[0, [2, 3, 7, 12]]] = True
+  is_sep[tokens[1, [4, 9, 10]]] = True
+  doc_ids = np.array([[0] * L, [0] * 6 + [1] * (L - 6)])
+  return _batch(tokens, is_sep, doc_ids)
+
+
+def _apply(model, params, batch, train):
+  return model.apply({"params": params}, batch, train=train, rngs={"positions": jax.random.key(3)})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_causality(kind):
+  """d logits[t] / d input[s] is zero for every s > t (and across documents).
+
+  Randomized kinds are checked in training mode, where positions are drawn.
+  """
+  model = Decoder(_cfg(kind))
+  batch = _distinct_tokens()
+  params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
+  train = encodings.get(kind).randomized
+  w = jax.random.normal(jax.random.key(1), (2, V))
+  ts = (4, 9)
+
+  def grad_embed(t):
+    out = lambda p: jnp.sum(_apply(model, p, batch, train)[:, t] * w)
+    return np.abs(np.asarray(jax.grad(out)(params)["embed"]))
+  g_embed = [grad_embed(t) for t in ts]
+  for t, g in zip(ts, g_embed):
+    g_tok = g[batch["tokens"]].sum(-1)  # [2, L]: gradient wrt the input at each position
+    assert not g_tok[:, t + 1:].any(), (
+        f"{kind}: output at {t} depends on later tokens "
+        f"{np.argwhere(g_tok[:, t + 1:]) + [0, t + 1]}")
+    assert g_tok[:, t].all(), f"{kind}: output at {t} ignores its own token"
+    if t >= 6:  # row 1: the second document starts at 6
+      assert not g_tok[1, :6].any(), f"{kind}: attention crossed a document start"
+    else:
+      assert g_tok[:, :t].any(), f"{kind}: output at {t} ignores earlier tokens"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_later_tokens_and_separators_do_not_change_earlier_logits(kind):
+  """Same check through the pipeline's position ids: rewriting tokens after t,
+  separators included, leaves logits at <= t unchanged."""
+  rng = np.random.default_rng(0)
+  is_sep = np.zeros(V, bool)
+  is_sep[[1, 2]] = True
+  tokens = rng.integers(3, V, (2, L))
+  tokens[:, [3, 6]] = 1
+  doc_ids = np.zeros((2, L), np.int32)
+  t = 8
+  edited = tokens.copy()
+  edited[:, t + 1:] = rng.integers(1, V, (2, L - t - 1))
+  edited[:, t + 1::2] = 2
+  model = Decoder(_cfg(kind))
+  a, b = _batch(tokens, is_sep, doc_ids), _batch(edited, is_sep, doc_ids)
+  params = model.init(jax.random.key(0), a)["params"]
+  train = encodings.get(kind).randomized
+  la, lb = _apply(model, params, a, train), _apply(model, params, b, train)
+  np.testing.assert_allclose(la[:, : t + 1], lb[:, : t + 1], rtol=1e-5, atol=1e-5,
+                             err_msg=f"{kind}: logits at <= {t} changed")
+  assert np.abs(np.asarray(la[:, t + 1:] - lb[:, t + 1:])).max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_sgd_step_lowers_the_loss(kind):
+  model = Decoder(_cfg(kind))
+  rng = np.random.default_rng(1)
+  is_sep = np.zeros(V, bool)
+  is_sep[[1, 2]] = True
+  tokens = rng.integers(1, 12, (2, L))
+  batch = _batch(tokens, is_sep, np.zeros((2, L)))
+  params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
+  loss = lambda p: loss_fn(_apply(model, p, batch, True), batch["targets"], batch["loss_mask"])[0]
+  l0, grads = jax.value_and_grad(loss)(params)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  enc = encodings.get(kind)
+  if enc.input_term in ("learned", "intra"):
+    assert np.abs(grads["intra" if enc.bilevel else "absolute"]["table"]).sum() > 0
+  if enc.bias == "fire":
+    fire = grads["layer_0"]["attn"]["pe"]["fire"]
+    assert all(np.abs(g).sum() > 0 for g in jax.tree.leaves(fire)), f"{kind}: FIRE untrained"
+  stepped = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
+  assert loss(stepped) < l0
+
+
+def test_model_config_from_experiment_config():
+  c = quickstart.get_config()
+  c.pe.kind = "bipe_alibi"
+  m = ModelConfig.from_config(c, vocab_size=100)
+  assert (m.pe_kind, m.max_intra, m.d_model, m.max_positions) == ("bipe_alibi", 128, 256, 128)
+  assert m.pe_params.alibi_multiplier == 96.0 and m.intra_params.max_intra == 128
+  for key in ("xpos_scale_base", "fire_hidden", "release_padding_row"):
+    if key in c.pe:  # configs written before a key existed fall back to defaults
+      del c.pe[key]
+  m = ModelConfig.from_config(c, vocab_size=100)
+  assert m.fire_hidden == 32 and m.xpos_scale_base == 512.0 and not m.release_padding_row
+  c.pe.kind = "bipe_nope"
+  with pytest.raises(ValueError, match="valid kinds"):
+    ModelConfig.from_config(c, vocab_size=100)
+  with pytest.raises(ValueError, match="multiple of model.n_kv_heads"):
+    _cfg("rope", n_kv_heads=3)
