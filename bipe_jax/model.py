@@ -62,7 +62,9 @@ class ModelConfig:
     if enc.rotary and self.head_dim % 2:
       raise ValueError(f"pe.kind={self.pe_kind!r} rotates pairs of dims: head "
                        f"dim {self.head_dim} must be even")
-    self.pe_params, self.intra_params  # pylint: disable=pointless-statement
+    # Build the typed parameters now, so a bad pe.* value fails here, by name.
+    enc.params(self)
+    enc.intra_params(self)
 
   @property
   def head_dim(self) -> int:
