@@ -154,6 +154,8 @@ def test_training_errors(tmp_path, code_texts):
 def test_tiny_vocabulary_falls_back_to_bytes(tmp_path, code_texts):
   tok = tokenizer_lib.train_tokenizer(code_texts, str(tmp_path / "t"), 300)
   assert tok.vocab_size == 300
+  again = tokenizer_lib.train_tokenizer(code_texts, str(tmp_path / "u"), 300)
+  assert again.file_hash() == tok.file_hash(), "training is reproducible byte for byte"
   for text in code_texts[:3] + TRICKY:
     assert tok.decode(tok.encode(text)) == text
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterator
 
 from absl import logging
@@ -176,7 +177,7 @@ _ARRAYS = ("train_tokens", "train_doc_starts", "heldout_tokens", "heldout_doc_st
 
 
 def _save_atomic(path: str, write, mode: str = "wb"):
-  tmp = f"{path}.tmp{os.getpid()}"
+  tmp = f"{path}.tmp{uuid.uuid4().hex}"
   with open(tmp, mode) as f:
     write(f)
   os.replace(tmp, path)  # Readers never see half-written files.

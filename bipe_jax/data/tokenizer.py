@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import uuid
 from collections.abc import Iterable, Sequence
 
 from absl import logging
@@ -267,7 +268,7 @@ def _rare_characters(texts: Sequence[str], vocab_size: int) -> str:
 
 
 def train_tokenizer(texts: Sequence[str], model_prefix: str, vocab_size: int,
-                    num_threads: int | None = None) -> Tokenizer:
+                    num_threads: int = 1) -> Tokenizer:
   """Trains a BPE SentencePiece model on `texts`; writes `<model_prefix>.model`.
 
   The vocabulary holds 4 special pieces (unk 0, BOS 1, EOS 2, pad 3), 256 byte
@@ -297,13 +298,15 @@ def train_tokenizer(texts: Sequence[str], model_prefix: str, vocab_size: int,
         pretokenization_delimiter=_DELIMITER,
         max_sentence_length=_MAX_SENTENCE_BYTES + 192,
         unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+        # The thread count is stored in the model file: a fixed one makes the
+        # file (and the token-cache fingerprint) identical on every machine.
+        num_threads=num_threads, minloglevel=2)
   except RuntimeError as e:
     raise ValueError(f"SentencePiece training with vocab_size={vocab_size} failed: "
                      f"{e}") from e
   path = model_prefix + ".model"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
+  tmp = f"{path}.tmp{uuid.uuid4().hex}"
   with open(tmp, "wb") as f:
     f.write(model.getvalue())
   os.replace(tmp, path)  # Atomic: concurrent runs never see a half-written model.
@@ -357,7 +360,7 @@ def load_or_train(config, cache_dir: str, sample_texts_fn) -> Tokenizer:
   logging.info("training a %d-piece tokenizer on %.1f MB of text", tc.vocab_size,
                sum(len(t.encode("utf-8")) for t in texts) / 1e6)
   tok = train_tokenizer(texts, os.path.join(cache_dir, "tokenizer"), int(tc.vocab_size))
-  tmp = f"{recipe_path}.tmp{os.getpid()}"
+  tmp = f"{recipe_path}.tmp{uuid.uuid4().hex}"
   with open(tmp, "w") as f:
     json.dump(recipe, f)
   os.replace(tmp, recipe_path)
