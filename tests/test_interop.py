@@ -14,7 +14,7 @@ from safetensors import numpy as st_numpy
 
 from bipe_jax import positions
 from bipe_jax.interop import release
-from bipe_jax.model import Decoder
+from bipe_jax.model import Decoder, ModelConfig
 from bipe_jax import convert
 
 V, D, H, K, F, LAYERS, TRAIN_SCALE = 900, 32, 4, 2, 64, 2, 8
@@ -158,6 +158,8 @@ def test_import_matches_numpy_forward(tmp_path, rpe_type):
   c = imported.config
   assert tuple(c.segmentation.separator_ids) == SEPS and c.data.packing == "windows"
   assert c.pe.release_padding_row and c.data.seq_len == TRAIN_SCALE
+  # The trainer / evaluator rebuild the model from the config alone.
+  assert ModelConfig.from_config(c, V) == m
 
 
 def test_half_precision_weights_import(tmp_path):
