@@ -58,7 +58,7 @@ _BASE = (
              "Kazemnejad et al. 2023, The Impact of Positional Encoding on "
              "Length Generalization in Transformers"),
     Encoding("learned", "learned APE", "learned absolute position table added "
-             "to the token embedding", "Vaswani et al. 2017 / GPT-2",
+             "to the token embedding", "Vaswani et al. 2017; Radford et al. 2019 (GPT-2)",
              P.LearnedParams, input_term="learned"),
     Encoding("sinusoidal", "Sinusoidal APE", "fixed sin/cos of the position "
              "added to the token embedding", "Vaswani et al. 2017, Attention Is "
@@ -82,6 +82,8 @@ _BASE = (
              "Context Transformers", P.FireParams, bias="fire"),
 )
 
+BIPE_PAPER = ("He et al. 2024, Two Stones Hit One Bird: Bilevel Positional "
+              "Encoding for Better Length Extrapolation")
 # The release multiplies bilevel ALiBi slopes by 96: segment distances are an
 # order of magnitude smaller than token distances.
 _BILEVEL_ALIBI_MULTIPLIER = 96.0
@@ -92,8 +94,9 @@ def _bilevel(base: Encoding) -> Encoding:
   return dataclasses.replace(
       base, name=f"bipe_{base.name}", short=f"BiPE-{base.short}",
       description=f"intra-segment table + {base.short} on the segment index",
-      paper=f"He et al. 2024, Two Stones Hit One Bird: Bilevel Positional "
-            f"Encoding (recipe) + {base.paper}",
+      # The paper's own two are BiPE-RoPE and BiPE-ALiBi; the rest apply its recipe.
+      paper=(BIPE_PAPER if base.name in ("rope", "alibi") else
+             f"BiPE recipe (He et al. 2024) on {base.paper.split(',')[0]}"),
       input_term="intra", position="inter",
       default_alibi_multiplier=(_BILEVEL_ALIBI_MULTIPLIER if base.bias == "alibi"
                                 else base.default_alibi_multiplier))
