@@ -64,13 +64,17 @@ def _describe(kind: str, encoding: str | None) -> str:
   return f"encoding {encoding!r} (bias: {kind})" if encoding else f"bias: {kind}"
 
 
+def _check_name(impl: str) -> None:
+  if impl not in IMPLS:
+    raise ValueError(f"unknown attention.impl {impl!r}; valid: {', '.join(IMPLS)}")
+
+
 def check(impl: str, pe_kind: str | None = None, backend: str | None = None) -> None:
   """Raises ValueError unless `impl` is known and can run `pe_kind` on `backend`.
 
   Without `pe_kind` only the name and the backend are checked.
   """
-  if impl not in IMPLS:
-    raise ValueError(f"unknown attention.impl {impl!r}; valid: {', '.join(IMPLS)}")
+  _check_name(impl)
   if impl == "auto":
     return
   kinds = [_pe_bias_kind(pe_kind)] if pe_kind else ["none", "alibi", "other"]
@@ -88,7 +92,7 @@ def resolve(impl: str, bias=None, seq_len: int | None = None, backend: str | Non
 
   `kind` ("none" | "alibi" | "other") overrides the kind read from `bias`.
   """
-  check(impl)
+  _check_name(impl)
   kind = kind or bias_kind(bias)
   backend = _backend(backend)
   valid = valid_impls(backend, kind, dtype)
@@ -116,6 +120,11 @@ def kernel_fn(name: str, backend: str | None = None):
   return importlib.import_module(f"bipe_jax.attention.{module}").attention
 
 
+def _cudnn_refuses(q_BTHD, k_BSKD, bias, q_offset) -> bool:
+  from bipe_jax.attention import cudnn
+  return cudnn.supports(q_BTHD, k_BSKD, bias, q_offset) is not None
+
+
 def get(impl: str, mesh=None, batch_axes=None):
   """attention(q, k, v, *, q_doc_BT, k_doc_BS, bias=None, q_offset=0) for `impl`.
 
@@ -128,6 +137,8 @@ def get(impl: str, mesh=None, batch_axes=None):
   def attention(q_BTHD, k_BSKD, v_BSKD, *, q_doc_BT, k_doc_BS, bias=None, q_offset=0):
     backend = _backend(None)
     name = resolve(impl, bias, k_BSKD.shape[1], backend, q_BTHD.dtype)
+    if name == "cudnn" and impl == "auto" and _cudnn_refuses(q_BTHD, k_BSKD, bias, q_offset):
+      name = "pallas"   # e.g. cross-attention to a cache: cuDNN path is self-attention only
     key = (impl, name, backend, bias_kind(bias), k_BSKD.shape[1], jnp.dtype(q_BTHD.dtype).name)
     if key not in _logged:
       _logged.add(key)

@@ -66,7 +66,7 @@ def attention(q_BTHD, k_BSKD, v_BSKD, *, q_doc_BT, k_doc_BS, bias=None, q_offset
 
 def _scores(st, q, k, rows, cols, qd, kd, qp, kp, slope):
   """Scaled, biased, masked scores [t, s] float32 and the mask."""
-  s = pl.dot(q, k, trans_b=True).astype(_F32) * st.scale
+  s = plgpu.dot(q, k, trans_b=True).astype(_F32) * st.scale
   mask = (rows[:, None] >= cols[None, :]) & (qd[:, None] == kd[None, :])
   if slope is not None:
     s = s - slope * (qp[:, None] - kp[None, :])
@@ -97,7 +97,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qd_ref, kd_ref, qp_ref, kp_ref, sl_ref, off
     p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
     alpha = jnp.exp(m - m_next)
     v = v_ref[ks, :]
-    pv = pl.dot(p.astype(v.dtype), v).astype(_F32)
+    pv = plgpu.dot(p.astype(v.dtype), v).astype(_F32)
     return m_next, alpha * l + p.sum(axis=1), acc * alpha[:, None] + pv
 
   hi = jnp.minimum(flash.last_k_block(i, off, st.bq, st.bk, nk) + 1, nk)
@@ -158,10 +158,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qd_ref, kd_ref,
     rows = i * st.bq + jnp.arange(st.bq) + off
     s, mask = _scores(st, q, k, rows, cols, qd_ref[qs], kd, _load(qp_ref, qs), kp, slope)
     p = jnp.where(mask, jnp.exp(s - lse_ref[qs][:, None]), 0.0)
-    dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True).astype(_F32)
-    dp = pl.dot(do, v, trans_b=True).astype(_F32)
+    dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True).astype(_F32)
+    dp = plgpu.dot(do, v, trans_b=True).astype(_F32)
     ds = p * (dp - delta_ref[qs][:, None])
-    dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True).astype(_F32) * st.scale
+    dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True).astype(_F32) * st.scale
     return dk, dv
 
   lo = flash.first_q_block(j, off, st.bq, st.bk, nq)
@@ -186,9 +186,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qd_ref, kd_ref, 
     cols = j * st.bk + jnp.arange(st.bk)
     s, mask = _scores(st, q, k, rows, cols, qd, kd_ref[ks], qp, _load(kp_ref, ks), slope)
     p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-    dp = pl.dot(do, v_ref[ks, :], trans_b=True).astype(_F32)
+    dp = plgpu.dot(do, v_ref[ks, :], trans_b=True).astype(_F32)
     ds = p * (dp - delta[:, None])
-    return dq + pl.dot(ds.astype(k.dtype), k).astype(_F32) * st.scale
+    return dq + plgpu.dot(ds.astype(k.dtype), k).astype(_F32) * st.scale
 
   hi = jnp.minimum(flash.last_k_block(i, off, st.bq, st.bk, nk) + 1, nk)
   dq = lax.fori_loop(0, hi, body, jnp.zeros((st.bq, q.shape[-1]), _F32))

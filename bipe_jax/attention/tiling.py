@@ -23,7 +23,8 @@ def pick_block(n: int, block: int, multiple: int = 8) -> int:
 
 
 def pad_to(x, axis: int, size: int, value=0):
-  """Pads `axis` of x at the end up to `size` with `value`."""
+  """Pads `axis` of x (array-like) at the end up to `size` with `value`; a jax array."""
+  x = jnp.asarray(x)
   extra = size - x.shape[axis]
   if extra == 0:
     return x
