@@ -20,6 +20,13 @@ from bipe_jax.encodings import params as P
 from bipe_jax.model import ModelConfig
 
 B, L, H, K, D = 2, 24, 4, 2, 8
+
+
+@pytest.fixture(autouse=True)
+def _full_float32_matmuls():
+  # Accelerators may default to TF32/bf16 passes; the formulas are compared at 1e-4.
+  with jax.default_matmul_precision("float32"):
+    yield
 SEP_IDS = (1, 2)
 KINDS = sorted(encodings.KINDS)
 

@@ -18,6 +18,13 @@ from bipe_jax.model import Decoder, ModelConfig
 from bipe_jax import convert
 
 V, D, H, K, F, LAYERS, TRAIN_SCALE = 900, 32, 4, 2, 64, 2, 8
+
+
+@pytest.fixture(autouse=True)
+def _full_float32_matmuls():
+  # Accelerators may default to TF32/bf16 passes; the formulas are compared at 1e-4.
+  with jax.default_matmul_precision("float32"):
+    yield
 SEPS = (13, 869)
 
 
