@@ -12,14 +12,18 @@ import time
 
 from absl import logging
 import orbax.checkpoint as ocp
+from orbax.checkpoint.path import step as ocp_step
 
 
 class CheckpointError(RuntimeError):
   pass
 
 
-def check_model(workdir: str, model_cfg) -> None:
-  """Records the model shape in the work dir, or fails if it holds another one."""
+def check_model(workdir: str, model_cfg, write: bool = True) -> None:
+  """Records the model shape in the work dir, or fails if it holds another one.
+
+  `write=False` only checks (processes other than 0 of a multi-process run).
+  """
   path = os.path.join(workdir, "model.json")
   current = dataclasses.asdict(model_cfg)
   if os.path.exists(path):
@@ -33,6 +37,8 @@ def check_model(workdir: str, model_cfg) -> None:
       raise CheckpointError(
           f"work dir {workdir} holds checkpoints of a different model ({lines}); "
           "use a new --workdir, or set the config back to the saved shape to resume")
+  if not write:
+    return
   with open(path, "w") as f:
     json.dump(current, f, indent=1)
 
@@ -46,10 +52,10 @@ def _dir(workdir: str) -> str:
 
 
 def latest_step(workdir: str) -> int | None:
-  if not os.path.isdir(_dir(workdir)):
-    return None
-  with ocp.CheckpointManager(_dir(workdir), item_names=("state", "data")) as m:
-    return m.latest_step()
+  # Lists finalized step directories without a CheckpointManager: creating one
+  # is a barrier that every process of a multi-process run must reach together.
+  steps = ocp_step.checkpoint_steps(_dir(workdir))
+  return max(steps) if steps else None
 
 
 class Checkpointer:

@@ -24,6 +24,7 @@ CHOICES = {
     "pe.intra": ("learned", "sinusoidal"),
     "train.schedule": ("polynomial", "cosine"),
     "train.on_nonfinite": ("stop", "skip"),
+    "train.remat": ("none", "full", "dots", "dots_no_batch"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
 }
@@ -101,7 +102,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive(flat, "model.d_model", "model.n_layers", "model.n_heads",
             "model.n_kv_heads", "model.d_ff", "data.seq_len", "pe.max_intra",
             "train.batch_size", "train.steps", "train.log_every",
-            "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_tokens")
+            "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_tokens",
+            "train.grad_accum_steps")
   if m.d_model % m.n_heads:
     raise ConfigError(f"model.d_model={m.d_model} must be divisible by "
                       f"model.n_heads={m.n_heads}")
@@ -118,6 +120,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
   lengths = tuple(config.eval.lengths)
   if not lengths or any(int(n) < 1 for n in lengths):
     raise ConfigError(f"eval.lengths={lengths} must be a non-empty list of positive ints")
+  check_mesh(config)
+
+
+def check_mesh(config, devices=None) -> None:
+  """The mesh fits the devices and every micro-batch splits evenly over the data axes.
+
+  Needs the jax runtime (multi-process: after jax.distributed.initialize).
+  """
+  from bipe_jax import sharding  # pylint: disable=g-import-not-at-top
+  try:
+    ici, dcn = sharding.mesh_sizes(config, devices)
+    rules = sharding.rules(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  sizes = {a: i * d for a, i, d in zip(sharding.AXES, ici, dcn)}
+  axes = sharding.batch_axes(rules)
+  dp = sharding.data_parallel_size(sizes, rules)
+  b, k = config.train.batch_size, config.train.grad_accum_steps
+  if b % k:
+    raise ConfigError(f"train.batch_size={b} is not divisible by train.grad_accum_steps={k}")
+  if (b // k) % dp:
+    per = f"train.batch_size={b}" if k == 1 else (
+        f"the micro-batch train.batch_size / train.grad_accum_steps = {b} / {k} = {b // k}")
+    split = " x ".join(f"{a}={sizes[a]}" for a in axes)
+    raise ConfigError(f"{per} is not divisible by the {dp} data-parallel devices "
+                      f"(mesh {split}); make the batch a multiple of {dp} or change mesh.shape")
 
 
 def _positive(flat, *keys):

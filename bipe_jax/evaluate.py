@@ -1,6 +1,10 @@
 """Perplexity by evaluation length from a restored checkpoint.
 
     bipe-eval --workdir=runs/quickstart [--step=N] [--lengths=128,256,512,1024]
+        [--mesh=data=2,tensor=4]
+
+The checkpoint restores onto any mesh: --mesh, else the training mesh when it
+fits the devices here, else all devices along `data`.
 
 Held-out documents are concatenated and cut into non-overlapping blocks of each
 length (remainder dropped), as in the paper. Prints a table; writes
@@ -19,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from bipe_jax import checkpoint
+from bipe_jax import checkpoint, sharding
 from bipe_jax import config as config_lib
 from bipe_jax.data import pipeline
 from bipe_jax.trainer import Trainer
@@ -34,9 +38,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def restore_params(config, workdir: str, vocab_size: int, step: int | None = None):
-  trainer = Trainer(config, vocab_size)
-  checkpoint.check_model(workdir, trainer.model_cfg)
+def restore_params(config, workdir: str, vocab_size: int, step: int | None = None,
+                   mesh=None):
+  """(trainer, state) with the state restored onto `mesh` (default: config.mesh)."""
+  trainer = Trainer(config, vocab_size, mesh)
+  checkpoint.check_model(workdir, trainer.model_cfg, write=False)
   ckpt = checkpoint.Checkpointer(workdir)
   try:
     _, state, _ = ckpt.restore(step, trainer.abstract_state(), with_data=False)
@@ -48,7 +54,7 @@ def restore_params(config, workdir: str, vocab_size: int, step: int | None = Non
 def perplexities(trainer: Trainer, params, config, corpus, lengths, max_tokens: int,
                  batch_tokens: int, log=print) -> list[dict]:
   """[{length, ppl, nll, tokens, seconds}] for each evaluation length."""
-  eval_fn = jax.jit(trainer.eval_loss)
+  eval_fn = trainer.eval_step
   rows = []
   for length in lengths:
     t0 = time.time()
@@ -64,8 +70,12 @@ def perplexities(trainer: Trainer, params, config, corpus, lengths, max_tokens: 
   return rows
 
 
-def evaluate(workdir: str, step: int | None = None, lengths=None) -> dict:
+def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | None = None) -> dict:
   config = load_config(workdir)
+  if mesh:
+    config.mesh.shape, config.mesh.dcn_shape = mesh, ""
+  elif not _mesh_fits(config):
+    config.mesh.shape, config.mesh.dcn_shape = "data=-1", ""
   config_lib.validate(config)
   lengths = tuple(int(n) for n in (lengths or config.eval.lengths))
   corpus = pipeline.prepare(config, workdir)
@@ -80,11 +90,20 @@ def evaluate(workdir: str, step: int | None = None, lengths=None) -> dict:
   result = dict(workdir=os.path.abspath(workdir), step=step, pe_kind=config.pe.kind,
                 train_length=train_len, unigram_ppl=unigram, results=rows)
   print(format_table(result))
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  plot(result, os.path.join(workdir, "eval.png"))
-  print(f"wrote {os.path.join(workdir, 'eval.json')} and {os.path.join(workdir, 'eval.png')}")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    plot(result, os.path.join(workdir, "eval.png"))
+    print(f"wrote {os.path.join(workdir, 'eval.json')} and {os.path.join(workdir, 'eval.png')}")
   return result
+
+
+def _mesh_fits(config) -> bool:
+  try:
+    sharding.mesh_sizes(config)
+  except ValueError:
+    return False
+  return True
 
 
 def _heldout_targets(corpus, length: int, max_tokens: int) -> np.ndarray:
@@ -129,6 +148,9 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A work dir written by bipe-train.")
   flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
   flags.DEFINE_list("lengths", None, "Evaluation lengths (default: config eval.lengths).")
+  flags.DEFINE_string("mesh", None, "Mesh to evaluate on, e.g. data=2,tensor=4 (default: the "
+                      "training mesh if it fits the devices here, else all along data).")
+  sharding.define_flags()
 
 
 def main(argv) -> None:
@@ -139,7 +161,8 @@ def main(argv) -> None:
     raise app.UsageError("--workdir=DIR is required")
   try:
     lengths = [int(n) for n in f.lengths] if f.lengths else None
-    evaluate(f.workdir, f.step, lengths)
+    sharding.initialize_from_flags()
+    evaluate(f.workdir, f.step, lengths, f.mesh)
   except (config_lib.ConfigError, checkpoint.CheckpointError, ValueError, OSError) as e:
     config_lib.fail(e)
 

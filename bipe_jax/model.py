@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from bipe_jax import attention as attn_lib
 from bipe_jax import encodings
+from bipe_jax import sharding
 
 
 # Keys under `pe` that ModelConfig reads, with the defaults used when a config
@@ -50,6 +51,7 @@ class ModelConfig:
   release_padding_row: bool = False
   max_positions: int = 1024   # learned absolute table size (data.seq_len)
   attention_impl: str = "auto"
+  remat: str = "none"         # train.remat: see REMAT_POLICIES
 
   def __post_init__(self):
     if self.d_model % self.n_heads:
@@ -92,7 +94,21 @@ class ModelConfig:
                norm_eps=m.norm_eps, init_std=m.init_std, dtype=m.dtype,
                param_dtype=m.param_dtype, pe_kind=pe.kind, **pe_fields,
                max_positions=config.data.seq_len,
-               attention_impl=config.attention.impl)
+               attention_impl=config.attention.impl,
+               remat=config.train.get("remat", "none"))
+
+
+# What a rematerialised block keeps from its forward pass (None: only its inputs).
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _constrain(x, *axes):
+  # Pins activation layouts under a Trainer's mesh (bipe_jax.sharding); a no-op elsewhere.
+  return nn.with_logical_constraint(x, axes, rules=sharding.activation_rules())
 
 
 def _init(std, *axes):
@@ -129,6 +145,7 @@ class Attention(nn.Module):
     kernel = attn_lib.get(c.attention_impl)
     out_BLHD = kernel(q_BLHD, k_BLKD, v_BLKD, q_doc_BT=batch["doc_ids"],
                       k_doc_BS=batch["doc_ids"], bias=bias)
+    out_BLHD = _constrain(out_BLHD, "batch", "length", "heads", "head_dim")
     return nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=c.dtype,
                            param_dtype=c.param_dtype, name="o",
                            kernel_init=_init(c.init_std, "heads", "head_dim", "embed"))(out_BLHD)
@@ -145,7 +162,8 @@ class MLP(nn.Module):
         kernel_init=_init(c.init_std, *axes), name=n)
     gate_BLF = dense("gate", c.d_ff, ("embed", "mlp"))(x_BLD)
     up_BLF = dense("up", c.d_ff, ("embed", "mlp"))(x_BLD)
-    return dense("down", c.d_model, ("mlp", "embed"))(nn.silu(gate_BLF) * up_BLF)
+    h_BLF = _constrain(nn.silu(gate_BLF) * up_BLF, "batch", "length", "mlp")
+    return dense("down", c.d_model, ("mlp", "embed"))(h_BLF)
 
 
 class Block(nn.Module):
@@ -156,7 +174,8 @@ class Block(nn.Module):
     c = self.cfg
     h_BLD = RMSNorm(c.norm_eps, c.param_dtype, name="attn_norm")(x_BLD)
     x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, batch, pos_BL)
-    return x_BLD + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.param_dtype, name="mlp_norm")(x_BLD))
+    x_BLD = x_BLD + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.param_dtype, name="mlp_norm")(x_BLD))
+    return _constrain(x_BLD, "batch", "length", "embed")
 
 
 class Decoder(nn.Module):
@@ -182,13 +201,16 @@ class Decoder(nn.Module):
       x_BLD = x_BLD + pe_BLD.astype(c.dtype)
     key = self.make_rng("positions") if enc.randomized and train else None
     pos_BL = encodings.attention_positions(enc, c.pe_params, batch, train, key)
+    x_BLD = _constrain(x_BLD, "batch", "length", "embed")
+    block = Block if c.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[c.remat])
     for i in range(c.n_layers):
-      x_BLD = Block(c, name=f"layer_{i}")(x_BLD, batch, pos_BL)
+      x_BLD = block(c, name=f"layer_{i}")(x_BLD, batch, pos_BL)
     x_BLD = RMSNorm(c.norm_eps, c.param_dtype, name="final_norm")(x_BLD)
     head = self.param("lm_head", _init(c.init_std, "embed", "vocab"),
                       (c.d_model, c.vocab_size), c.param_dtype)
-    return jnp.einsum("bld,dv->blv", x_BLD, head.astype(c.dtype),
-                      preferred_element_type=jnp.float32)
+    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head.astype(c.dtype),
+                            preferred_element_type=jnp.float32)
+    return _constrain(logits_BLV, "batch", "length", "vocab")
 
 
 def loss_fn(logits_BLV, targets_BL, loss_mask_BL):

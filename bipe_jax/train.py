@@ -16,7 +16,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from bipe_jax import checkpoint, metrics
+from bipe_jax import checkpoint, metrics, sharding
 from bipe_jax import config as config_lib
 from bipe_jax.data import pipeline
 from bipe_jax.trainer import Trainer, lr_schedule
@@ -54,15 +54,19 @@ def train(config, workdir: str) -> dict:
   """
   config_lib.validate(config)
   _prepare_workdir(workdir)
-  corpus = pipeline.prepare(config, workdir)
-  trainer = Trainer(config, corpus.vocab_size)
-  checkpoint.check_model(workdir, trainer.model_cfg)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=1))
+  lead = jax.process_index() == 0
+  with sharding.process_zero_first("bipe_jax: work dir ready"):
+    corpus = pipeline.prepare(config, workdir)
+    trainer = Trainer(config, corpus.vocab_size)
+    checkpoint.check_model(workdir, trainer.model_cfg, write=lead)
+    if lead:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json(indent=1))
 
   t = config.train
   ckpt = checkpoint.Checkpointer(workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
-  data_iter = pipeline.train_iterator(config, corpus)
+  # Each process reads only the rows of the global batch its devices hold.
+  data_iter = pipeline.train_iterator(config, corpus, **trainer.data_shard())
   if ckpt.latest_step() is not None:
     start, state, data_state = ckpt.restore(None, trainer.abstract_state())
     data_iter.set_state(data_state)
@@ -83,7 +87,7 @@ def train(config, workdir: str) -> dict:
   try:
     with _SignalFlag() as signals:
       for step in range(start + 1, t.steps + 1):
-        batch = next(data_iter)
+        batch = trainer.global_batch(next(data_iter))
         state, step_metrics = trainer.step(state, batch, key)
         # Metrics are read one step late so the host never waits on the device...
         if pending is not None:
@@ -170,6 +174,7 @@ def define_flags() -> None:
   """CLI flags; defined only when run as a program, so importing stays side-effect free."""
   config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/quickstart.py.")
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and caches.")
+  sharding.define_flags()
 
 
 def main(argv) -> None:
@@ -178,6 +183,7 @@ def main(argv) -> None:
   if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
     raise app.UsageError("both --config=FILE and --workdir=DIR are required")
   try:
+    sharding.initialize_from_flags()
     train(flags.FLAGS.config, flags.FLAGS.workdir)
   except (config_lib.ConfigError, checkpoint.CheckpointError, Diverged, ValueError, OSError) as e:
     config_lib.fail(e)

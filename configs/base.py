@@ -75,6 +75,38 @@ def get_config() -> ml_collections.ConfigDict:
   # A NaN/Inf loss, gradient or update: "stop" the run (naming the step and the
   # last good checkpoint) or "skip" the update and count it.
   c.train.on_nonfinite = "stop"
+  # Micro-batches per step (a scan): train.batch_size is the global batch and
+  # batch_size / grad_accum_steps rows go through the model at once.
+  c.train.grad_accum_steps = 1
+  # Recompute each block's activations in the backward pass to save memory:
+  # none | full (save nothing) | dots (keep matmul outputs) | dots_no_batch
+  # (keep only weight-stationary matmuls, the usual choice on TPU).
+  c.train.remat = "none"
+
+  # Device mesh (bipe_jax/sharding.py). Axes, outermost first: data (replicas),
+  # fsdp (params and optimizer state sharded), tensor (heads / mlp / vocab
+  # split). "AXIS=SIZE,..."; -1 takes the remaining devices; unnamed axes are
+  # 1 and data takes the rest ("fsdp=8" on 16 devices is data=2,fsdp=8).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = "data=-1,fsdp=1,tensor=1"
+  # Across TPU slices (multi-slice over DCN), same syntax; the mesh is
+  # shape x dcn_shape. "" = slices along data.
+  c.mesh.dcn_shape = ""
+  # Logical axis name -> mesh axes, by priority: a mesh axis already taken by
+  # an earlier rule is skipped, so activations [batch, length, embed] put
+  # batch on data+fsdp and leave embed whole, while parameters [embed, mlp]
+  # put embed on fsdp and mlp on tensor.
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("mlp", "tensor"),
+      ("embed", "fsdp"),
+      ("head_dim", None),
+      ("positions", None),
+      ("length", None),
+  )
 
   c.eval = ml_collections.ConfigDict()
   c.eval.lengths = (1024, 2048, 3072, 4096, 5120, 6144, 8192)
