@@ -267,7 +267,7 @@ def initialize_distributed(coordinator_address: str = "", num_processes: int = 0
     kwargs = {}
     per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "")
     gpus = os.environ.get("SLURM_GPUS_ON_NODE", "")
-    if _slurm_tasks() > 1 and per_node == "1" and gpus.isdigit():
+    if _slurm_tasks() and per_node == "1" and gpus.isdigit():
       # jax would give a SLURM task only GPU <local id>; one task per node drives all of them.
       kwargs["local_device_ids"] = list(range(int(gpus)))
     jax.distributed.initialize(**kwargs)

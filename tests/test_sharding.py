@@ -196,3 +196,33 @@ def test_distributed_flags_go_together():
   with pytest.raises(ValueError, match="--process_id=2 must be below --num_processes=2"):
     sharding.initialize_distributed("127.0.0.1:1234", 2, 2)
   assert sharding.initialize_distributed(mode="no") is False
+
+
+def test_slurm_step_starts_jax_distributed(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append((a, kw)))
+  for k, v in dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="gpu[1-2]", SLURM_NTASKS="16",
+                   SLURM_NTASKS_PER_NODE="8", SLURM_GPUS_ON_NODE="8").items():
+    monkeypatch.setenv(k, v)
+  assert sharding.initialize_distributed() is True
+  assert calls[-1] == ((), {}), "one task per GPU: jax's own SLURM detection does the rest"
+  # One task per node must drive all of the node's GPUs, not only GPU <local id>.
+  monkeypatch.setenv("SLURM_NTASKS", "2")
+  monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "1")
+  sharding.initialize_distributed()
+  assert calls[-1] == ((), {"local_device_ids": list(range(8))})
+  # sbatch's own shell (no srun step) is not a multi-process run.
+  monkeypatch.delenv("SLURM_STEP_NODELIST")
+  n = len(calls)
+  if not sharding._tpu_chips():  # pylint: disable=protected-access
+    assert sharding.initialize_distributed() is False and len(calls) == n
+
+
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "tpu_queued_resource.sh",
+                                    "xpk_multislice.sh", "slurm_gpu.sbatch"])
+def test_launch_scripts_parse_and_print_usage(script):
+  path = os.path.join(REPO, "launch", script)
+  assert subprocess.run(["bash", "-n", path]).returncode == 0
+  if script.endswith(".sh"):
+    proc = subprocess.run(["bash", path], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--config=configs/" in proc.stdout
