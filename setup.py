@@ -31,6 +31,7 @@ setup(
         "console_scripts": [
             "bipe-train=bipe_jax.train:run",
             "bipe-eval=bipe_jax.evaluate:run",
+            "bipe-convert=bipe_jax.convert:run",
         ],
     },
 )

@@ -98,6 +98,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     attention.dispatch.check(config.attention.impl)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  from bipe_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
+  try:
+    ModelConfig.from_config(config, vocab_size=1)  # typed per-kind pe parameters
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if (encodings.get(config.pe.kind).randomized
+      and config.pe.max_random_position < config.data.seq_len):
+    raise ConfigError(f"pe.max_random_position={config.pe.max_random_position} must be "
+                      f">= data.seq_len={config.data.seq_len}")
   m = config.model
   _positive(flat, "model.d_model", "model.n_layers", "model.n_heads",
             "model.n_kv_heads", "model.d_ff", "data.seq_len", "pe.max_intra",
