@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import glob
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -61,18 +62,18 @@ def parse_shape(spec, key: str = "mesh.shape") -> dict[str, int]:
 
 
 def resolve_shape(shape: dict[str, int], n_devices: int, key: str = "mesh.shape",
-                  spec=None) -> tuple[int, ...]:
-  """Sizes in AXES order with -1 filled so that the product is `n_devices`."""
+                  spec=None, unit: str = "devices") -> tuple[int, ...]:
+  """Sizes in AXES order with -1 filled so that the product is `n_devices` (or slices)."""
   fixed = math.prod(v for v in shape.values() if v != -1)
   shown = spec if spec is not None else ",".join(f"{k}={v}" for k, v in shape.items())
   if -1 in shape.values():
     if n_devices % fixed:
-      raise ValueError(f"{key}={shown!r} needs a multiple of {fixed} devices, but there "
+      raise ValueError(f"{key}={shown!r} needs a multiple of {fixed} {unit}, but there "
                        f"are {n_devices}: {fixed} does not divide {n_devices}")
     return tuple(n_devices // fixed if shape[a] == -1 else shape[a] for a in AXES)
   if fixed != n_devices:
-    raise ValueError(f"{key}={shown!r} covers {fixed} devices, but there are {n_devices}; "
-                     "set one axis to -1 to take the remaining devices")
+    raise ValueError(f"{key}={shown!r} covers {fixed} {unit}, but there are {n_devices}; "
+                     f"set one axis to -1 to take the remaining {unit}")
   return tuple(shape[a] for a in AXES)
 
 
@@ -90,7 +91,7 @@ def mesh_sizes(config, devices=None) -> tuple[tuple[int, ...], tuple[int, ...]]:
   slices = _num_slices(devices)
   dcn_spec = config.mesh.dcn_shape or ("data=-1" if slices > 1 else "")
   dcn = resolve_shape(parse_shape(dcn_spec, "mesh.dcn_shape"), slices, "mesh.dcn_shape",
-                      dcn_spec) if dcn_spec else (1,) * len(AXES)
+                      dcn_spec, "slices") if dcn_spec else (1,) * len(AXES)
   ici = resolve_shape(parse_shape(config.mesh.shape), len(devices) // slices,
                       spec=config.mesh.shape)
   return ici, dcn
@@ -310,3 +311,35 @@ def process_zero_first(name: str):
   yield
   if multi and jax.process_index() == 0:
     multihost_utils.sync_global_devices(name)
+
+
+def gather_process_states(state: dict) -> dict:
+  """Every process's JSON-able data-iterator state, for a checkpoint item process 0 writes.
+
+  Hosts read different shards, so their iterator positions can differ
+  (document packing); a checkpoint must hold all of them. A collective:
+  every process calls it at the same step.
+  """
+  if jax.process_count() == 1:
+    return state
+  blob = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(len(blob)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(blob)] = blob
+  blobs = multihost_utils.process_allgather(padded)
+  return {"per_process": [json.loads(bytes(b[:n]).decode()) for b, n in zip(blobs, lengths)]}
+
+
+def own_process_state(saved: dict) -> dict:
+  """This process's part of what gather_process_states saved."""
+  if "per_process" not in saved:
+    return saved
+  states = saved["per_process"]
+  if all(s == states[0] for s in states):
+    return states[0]  # window packing: every shard is at the same position
+  if len(states) != jax.process_count():
+    logging.warning("the data state was saved by %d processes and this run has %d: "
+                    "each resumes from saved process 0's position, so some rows of "
+                    "the epoch repeat or are skipped", len(states), jax.process_count())
+    return states[0]
+  return states[jax.process_index()]

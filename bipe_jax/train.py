@@ -69,7 +69,7 @@ def train(config, workdir: str) -> dict:
   data_iter = pipeline.train_iterator(config, corpus, **trainer.data_shard())
   if ckpt.latest_step() is not None:
     start, state, data_state = ckpt.restore(None, trainer.abstract_state())
-    data_iter.set_state(data_state)
+    data_iter.set_state(sharding.own_process_state(data_state))
     logging.info("resuming from checkpoint at step %d", start)
     print(f"resuming from step {start} in {workdir}", flush=True)
   else:
@@ -102,7 +102,8 @@ def train(config, workdir: str) -> dict:
           log.record(*pending, ckpt)
           pending = None
           if save:
-            ckpt.save(step, state, data_iter.get_state(), force=True)
+            ckpt.save(step, state, sharding.gather_process_states(data_iter.get_state()),
+                      force=True)
           if step % t.log_every == 0 or step == t.steps or stop:
             log.print_line(step)
         if stop:

@@ -6,6 +6,7 @@ in for two hosts.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -66,7 +67,7 @@ def runs(tmp_path_factory):
   multi_nll = _nll(multi)
   _run([sys.executable, "-m", "bipe_jax.evaluate", f"--workdir={multi}", "--lengths=32,64"])
   return dict(single=single, multi=multi, train_out=out, multi_nll=multi_nll,
-              single_nll=_nll(multi))
+              single_nll=_nll(multi), cache=cache)
 
 
 def test_two_processes_train_like_one(runs):
@@ -90,6 +91,22 @@ def test_single_process_restores_and_evaluates_to_the_same_loss(runs):
   # Saved from 4 devices in 2 processes, restored onto 1 device in 1 process.
   np.testing.assert_allclose(runs["single_nll"], runs["multi_nll"], rtol=1e-5)
   assert len(runs["single_nll"]) == 2
+
+
+def test_two_processes_resume_where_they_stopped(runs, tmp_path):
+  # Document packing: each process's iterator position is its own, so the
+  # checkpoint must carry both and each process must get its own back.
+  c = _config(runs["cache"])
+  c.data.packing = "documents"
+  full, part = str(tmp_path / "full"), str(tmp_path / "part")
+  _launch("bipe_jax.train", [*cli_args(c), f"--workdir={full}"])
+  shutil.copytree(full, part)
+  shutil.rmtree(os.path.join(part, "checkpoints", str(STEPS)))
+  out = _launch("bipe_jax.train", [*cli_args(c), f"--workdir={part}"])
+  assert "[0] resuming from step 2" in out and "[1] resuming from step 2" in out
+  steps, losses = _losses(part)
+  assert steps == [1, 2, 3, 4, 3, 4], "the resumed run appends steps 3 and 4"
+  np.testing.assert_allclose(losses[4:], _losses(full)[1][2:], rtol=1e-6)
 
 
 def test_launcher_stops_everyone_when_one_process_fails(tmp_path):

@@ -226,3 +226,12 @@ def test_launch_scripts_parse_and_print_usage(script):
   if script.endswith(".sh"):
     proc = subprocess.run(["bash", path], capture_output=True, text=True)
     assert proc.returncode == 2 and "--config=configs/" in proc.stdout
+
+
+def test_dcn_shape_counts_slices():
+  c = tiny_config()
+  c.mesh.dcn_shape = "data=2"
+  with pytest.raises(ValueError, match=r"mesh.dcn_shape='data=2' covers 2 slices, but there are 1"):
+    sharding.mesh_sizes(c)
+  c.mesh.dcn_shape = "data=-1"
+  assert sharding.mesh_sizes(c) == ((jax.device_count(), 1, 1), (1, 1, 1))
