@@ -12,13 +12,13 @@ def get_config():
   c.model.n_kv_heads = 4
   c.model.d_ff = 1024
   c.train.batch_size = 16
-  c.train.steps = 1200
+  c.train.steps = 400
   c.train.lr = 2e-3
-  c.train.warmup_steps = 100
+  c.train.warmup_steps = 40
   c.train.schedule = "cosine"
   c.train.end_lr_factor = 0.1
   c.train.log_every = 50
-  c.train.checkpoint_every = 300
+  c.train.checkpoint_every = 100
   c.eval.lengths = (128, 256, 512, 1024)
   c.eval.max_tokens = 32_768
   c.eval.batch_tokens = 8192
