@@ -2,22 +2,22 @@
 
     python -m bipe_jax.convert --hf_checkpoint=DIR --workdir=OUT
 
-Writes
-  OUT/checkpoints/0/state   orbax StandardSave of {"params": params}
-  OUT/checkpoints/0/data    empty JSON (the trainer's item names: state, data)
-  OUT/config.json           the experiment config reproducing the release
-  OUT/model.json            the ModelConfig fields (as bipe_jax.checkpoint does)
+Writes a work dir like bipe-train's: OUT/config.json (the experiment config
+reproducing the release), OUT/model.json and OUT/checkpoints/0 holding a train
+state (imported params, fresh optimizer state), so `bipe-eval --workdir=OUT`
+evaluates it and `bipe-train --workdir=OUT` continues training it.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 
 from absl import app, flags
-import orbax.checkpoint as ocp
+import jax
+import jax.numpy as jnp
 
+from bipe_jax import checkpoint
 from bipe_jax.interop import release
+from bipe_jax.trainer import Trainer, TrainState
 
 
 def convert(hf_checkpoint: str, workdir: str) -> str:
@@ -30,15 +30,16 @@ def convert(hf_checkpoint: str, workdir: str) -> str:
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(imported.config.to_json(indent=1))
-  with open(os.path.join(workdir, "model.json"), "w", encoding="utf-8") as f:
-    json.dump(dataclasses.asdict(imported.model_cfg), f, indent=1)
-  options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-  with ocp.CheckpointManager(ckpt_dir, options=options,
-                             item_names=("state", "data")) as manager:
-    manager.save(0, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"params": imported.params}),
-        data=ocp.args.JsonSave({})))
-    manager.wait_until_finished()
+  trainer = Trainer(imported.config, imported.model_cfg.vocab_size)
+  checkpoint.check_model(workdir, trainer.model_cfg)
+  params = jax.device_put(imported.params, trainer.param_sharding)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=trainer.tx.init(params))
+  ckpt = checkpoint.Checkpointer(workdir)
+  try:
+    ckpt.save(0, state, {}, force=True)
+  finally:
+    ckpt.close()
   return os.path.join(ckpt_dir, "0")
 
 

@@ -12,6 +12,7 @@ length (remainder dropped), as in the paper. Prints a table; writes
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import numpy as np
 from bipe_jax import checkpoint, sharding
 from bipe_jax import config as config_lib
 from bipe_jax.data import pipeline
+from bipe_jax.interop import release
 from bipe_jax.trainer import Trainer
 
 
@@ -70,8 +72,21 @@ def perplexities(trainer: Trainer, params, config, corpus, lengths, max_tokens: 
   return rows
 
 
-def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | None = None) -> dict:
-  config = load_config(workdir)
+def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | None = None,
+             hf_checkpoint: str | None = None, source: str | None = None) -> dict:
+  """Perplexity table of a checkpoint in `workdir`, or of a release dir `hf_checkpoint`.
+
+  `source` replaces config.data.source (its held-out split is scored); its
+  tokenized cache goes to a directory of its own so the training cache stays.
+  """
+  imported = release.load(hf_checkpoint) if hf_checkpoint else None
+  config = imported.config if imported else load_config(workdir)
+  if imported:
+    os.makedirs(workdir, exist_ok=True)
+  if source:
+    digest = hashlib.sha1(source.encode()).hexdigest()[:10]
+    config.data.source = source
+    config.data.cache_dir = os.path.join(workdir, "data_eval", digest)
   if mesh:
     config.mesh.shape, config.mesh.dcn_shape = mesh, ""
   elif not _mesh_fits(config):
@@ -79,12 +94,20 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
   config_lib.validate(config)
   lengths = tuple(int(n) for n in (lengths or config.eval.lengths))
   corpus = pipeline.prepare(config, workdir)
-  trainer, state = restore_params(config, workdir, corpus.vocab_size, step)
-  step = int(state.step)
+  if imported:
+    if corpus.vocab_size != imported.model_cfg.vocab_size:
+      raise ValueError(f"the tokenizer has {corpus.vocab_size} pieces but the checkpoint "
+                       f"{imported.model_cfg.vocab_size}: put the release's tokenizer.model "
+                       f"in {hf_checkpoint}")
+    trainer = Trainer(config, corpus.vocab_size)
+    params, step = jax.device_put(imported.params, trainer.param_sharding), 0
+  else:
+    trainer, state = restore_params(config, workdir, corpus.vocab_size, step)
+    params, step = state.params, int(state.step)
   train_len = config.data.seq_len
   print(f"evaluating step {step} of {workdir} (pe.kind={config.pe.kind}, "
         f"trained at {train_len} tokens)", flush=True)
-  rows = perplexities(trainer, state.params, config, corpus, lengths,
+  rows = perplexities(trainer, params, config, corpus, lengths,
                       config.eval.max_tokens, config.eval.batch_tokens)
   unigram = pipeline.unigram_perplexity(_heldout_targets(corpus, min(lengths), config.eval.max_tokens))
   result = dict(workdir=os.path.abspath(workdir), step=step, pe_kind=config.pe.kind,
@@ -148,6 +171,11 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A work dir written by bipe-train.")
   flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
   flags.DEFINE_list("lengths", None, "Evaluation lengths (default: config eval.lengths).")
+  flags.DEFINE_string("hf_checkpoint", None, "Evaluate an authors' release directory "
+                      "(config.json, model.safetensors, tokenizer.model) instead of a "
+                      "checkpoint; --workdir then only holds caches and results.")
+  flags.DEFINE_string("source", None, "Evaluate on the held-out split of these files/globs "
+                      "instead of the training config's data.source.")
   flags.DEFINE_string("mesh", None, "Mesh to evaluate on, e.g. data=2,tensor=4 (default: the "
                       "training mesh if it fits the devices here, else all along data).")
   sharding.define_flags()
@@ -162,7 +190,7 @@ def main(argv) -> None:
   try:
     lengths = [int(n) for n in f.lengths] if f.lengths else None
     sharding.initialize_from_flags()
-    evaluate(f.workdir, f.step, lengths, f.mesh)
+    evaluate(f.workdir, f.step, lengths, f.mesh, f.hf_checkpoint, f.source)
   except (config_lib.ConfigError, checkpoint.CheckpointError, ValueError, OSError) as e:
     config_lib.fail(e)
 

@@ -15,7 +15,7 @@ from safetensors import numpy as st_numpy
 from bipe_jax import positions
 from bipe_jax.interop import release
 from bipe_jax.model import Decoder, ModelConfig
-from bipe_jax import convert
+from bipe_jax import convert, evaluate
 
 V, D, H, K, F, LAYERS, TRAIN_SCALE = 900, 32, 4, 2, 64, 2, 8
 
@@ -248,13 +248,30 @@ def test_convert_writes_restorable_orbax_checkpoint(tmp_path):
   step_dir = convert.convert(str(src), str(out))
   assert step_dir.endswith(os.path.join("checkpoints", "0"))
   imported = release.load(str(src))
-  with ocp.CheckpointManager(str(out / "checkpoints"), item_names=("state", "data")) as mgr:
-    assert mgr.latest_step() == 0
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": imported.params})
-    restored = mgr.restore(0, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  jax.tree.map(np.testing.assert_array_equal, restored["state"]["params"], imported.params)
+  config = evaluate.load_config(str(out))
+  trainer, state = evaluate.restore_params(config, str(out), imported.model_cfg.vocab_size)
+  assert int(state.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, state.params, imported.params)
   with open(out / "config.json") as f:
     cfg = json.load(f)
   assert cfg["pe"]["kind"] == "bipe_rope" and cfg["tokenizer"]["model"].endswith("tokenizer.model")
   with pytest.raises(FileExistsError):
     convert.convert(str(src), str(out))
+
+
+def test_eval_hf_checkpoint_directly_equals_converted(tmp_path):
+  src = tmp_path / "release"
+  _write_release(str(src), "bipe_alibi")
+  _llama_like_tokenizer(str(src / "tokenizer.model"), n_pieces=V)
+  corpus = tmp_path / "corpus.jsonl"
+  with open(corpus, "w") as f:
+    for i in range(40):
+      f.write(json.dumps({"text": " ".join(f"w{300 + (i * 7 + j) % 200}" for j in range(60))
+                          + "\n" * (i % 3)}) + "\n")
+  direct = evaluate.evaluate(str(tmp_path / "direct"), lengths=(16, 32),
+                             hf_checkpoint=str(src), source=str(corpus))
+  convert.convert(str(src), str(tmp_path / "conv"))
+  converted = evaluate.evaluate(str(tmp_path / "conv"), lengths=(16, 32), source=str(corpus))
+  assert [r["nll"] for r in direct["results"]] == pytest.approx(
+      [r["nll"] for r in converted["results"]], rel=1e-6)
+  assert all(np.isfinite(r["ppl"]) for r in direct["results"])
