@@ -94,8 +94,8 @@ def measure(kind: str, length: int, impl: str, repeats: int) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(evaluate(params, batch))
     times.append(time.perf_counter() - t0)
-  resolved = attention.resolve(impl, kind=attention.dispatch._pe_bias_kind(kind),
-                               seq_len=length, dtype=jnp.float32)
+  resolved = attention.resolve(impl, kind=attention.dispatch.pe_bias_kind(kind),
+                               dtype=jnp.float32)
   return dict(kind=kind, length=length, impl=impl, resolved=resolved, params_m=n_params / 1e6,
               loss=loss, first_call_s=first, best_s=min(times), tokens_per_s=length / min(times),
               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

@@ -26,8 +26,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_case(b=2, t=45, s=None, h=4, kv=2, d=16, bias="alibi", dtype=jnp.float32, seed=0,
-              pos_scale=1.0):
-  """q, k, v and keyword args: row 0 holds 3 documents, row 1 one; positions restart per doc."""
+              pos_scale=1.0, docs=True):
+  """q, k, v and keyword args: row 0 holds 3 documents (unless not `docs`), row 1 one.
+
+  Positions (segment ids) restart at every document.
+  """
   s = s or t
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
@@ -35,7 +38,8 @@ def make_case(b=2, t=45, s=None, h=4, kv=2, d=16, bias="alibi", dtype=jnp.float3
                                               normal(b, s, kv, d)))
   bounds = np.array([0, s // 4, (2 * s) // 3])
   doc = np.zeros((b, s), np.int32)
-  doc[0] = np.searchsorted(bounds, np.arange(s), side="right") - 1
+  if docs:
+    doc[0] = np.searchsorted(bounds, np.arange(s), side="right") - 1
   sep = rng.random((b, s)) < 0.3
   pos = np.zeros((b, s), np.float32)
   for j in range(1, s):
@@ -112,11 +116,13 @@ def test_reference_matches_float64_numpy_with_large_bipe_alibi_positions():
 
 # --- chunked ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bias,t,s,h,kv", [
-    ("none", 45, 45, 4, 2), ("alibi", 45, 45, 4, 2), ("fire", 45, 45, 4, 2),
-    ("alibi", 19, 45, 4, 4), ("fire", 19, 45, 2, 1)])
-def test_chunked_matches_reference(bias, t, s, h, kv):
-  args, kw = make_case(t=t, s=s, h=h, kv=kv, bias=bias)
+@pytest.mark.parametrize("bias,b,t,s,h,kv,docs", [
+    ("none", 2, 45, 45, 4, 2, False), ("alibi", 2, 45, 45, 4, 2, True),
+    ("fire", 2, 45, 45, 4, 2, True), ("alibi", 1, 45, 45, 4, 4, True),
+    ("fire", 2, 19, 45, 2, 1, True)])
+def test_chunked_matches_reference(bias, b, t, s, h, kv, docs):
+  """Tiles of all three kinds occur: unmasked (one document), masked, skipped (b=1)."""
+  args, kw = make_case(b=b, t=t, s=s, h=h, kv=kv, bias=bias, docs=docs)
   fn = jax.jit(lambda *a, **k: chunked.attention(*a, **k, block_q=16, block_k=8),
                static_argnames=("q_offset",))
   assert_matches_reference(fn, args, kw, bias_grads=bias == "fire")
@@ -190,18 +196,19 @@ def test_pallas_lowers_for_its_backend(kernel, platform):
 
 # --- dispatch -----------------------------------------------------------------------------------
 
-def test_dispatch_routes_by_backend_bias_and_length():
+def test_dispatch_routes_by_backend_bias_and_dtype():
   fire = make_case(t=8, bias="fire")[1]["bias"]
   alibi = make_case(t=8, bias="alibi")[1]["bias"]
   r = dispatch.resolve
-  assert r("auto", None, 512, "cpu") == "reference"
-  assert r("auto", alibi, dispatch.AUTO_REFERENCE_MAX_LEN + 1, "cpu") == "chunked"
-  assert r("auto", None, 8192, "gpu", jnp.bfloat16) == "cudnn"
-  assert r("auto", None, 8192, "gpu", jnp.float32) == "pallas"
-  assert r("auto", alibi, 8192, "gpu", jnp.bfloat16) == "pallas"
-  assert r("auto", alibi, 8192, "tpu") == "pallas"
-  assert r("auto", fire, 8192, "tpu") == "chunked"
-  assert r("chunked", fire, 8, "cpu") == "chunked"
+  assert r("auto", None, "cpu") == "chunked"
+  assert r("auto", alibi, "cpu") == "chunked"
+  assert r("reference", alibi, "cpu") == "reference"
+  assert r("auto", None, "gpu", jnp.bfloat16) == "cudnn"
+  assert r("auto", None, "gpu", jnp.float32) == "pallas"
+  assert r("auto", alibi, "gpu", jnp.bfloat16) == "pallas"
+  assert r("auto", alibi, "tpu") == "pallas"
+  assert r("auto", fire, "tpu") == "chunked"
+  assert r("chunked", fire, "cpu") == "chunked"
   assert dispatch.kernel_fn("pallas", "gpu") is pallas_gpu.attention
   assert dispatch.kernel_fn("pallas", "tpu") is pallas_tpu.attention
   assert dispatch.kernel_fn("cudnn", "gpu") is cudnn.attention
@@ -225,7 +232,7 @@ def test_invalid_combinations_fail_at_config_time(impl, pe_kind, backend, words)
 def test_call_time_errors_name_the_bias():
   args, kw = make_case(t=8, s=12, bias="fire")
   with pytest.raises(ValueError, match="other"):
-    dispatch.resolve("cudnn", kw["bias"], 8, "gpu", jnp.bfloat16)
+    dispatch.resolve("cudnn", kw["bias"], "gpu", jnp.bfloat16)
   with pytest.raises(ValueError, match="self-attention"):
     cudnn.attention(*(x.astype(jnp.bfloat16) for x in args), **{**kw, "bias": None})
 

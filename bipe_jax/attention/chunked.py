@@ -66,19 +66,35 @@ def attention(q_BTHD, k_BSKD, v_BSKD, *, q_doc_BT, k_doc_BS, bias=None, q_offset
   return out_blocks.transpose(1, 0, 4, 2, 3, 5).reshape(b, tp, h, d)[:, :t]
 
 
-def _scores(static, leaves, q_i, k_j, qd_i, kd_j, qp_i, kp_j, i, j, q_off):
-  """Masked scores [B,K,G,t,s] float32 and the mask [B,1,1,t,s] of one tile."""
+def _scores(static, leaves, q_i, k_j, qd_i, kd_j, qp_i, kp_j, i, j, q_off, masked: bool):
+  """Scaled, biased scores [B,K,G,t,s] float32 of one tile; masked ones are NEG_INF."""
   b, kv, g, bq, _ = q_i.shape
   bk = k_j.shape[2]
   s = jnp.einsum("bkgtd,bksd->bkgts", q_i, k_j, preferred_element_type=_F32) * static.scale
   if static.treedef is not None:
     bias_BHts = static.treedef.unflatten(leaves).block(qp_i, kp_j)
     s = s + bias_BHts.astype(_F32).reshape(s.shape)
+  if not masked:
+    return s
   q_idx = i * bq + jnp.arange(bq) + q_off
   k_idx = j * bk + jnp.arange(bk)
   mask = (q_idx[:, None] >= k_idx[None, :])[None] & (qd_i[:, :, None] == kd_j[:, None, :])
-  mask = mask[:, None, None]
-  return jnp.where(mask, s, tiling.NEG_INF), mask
+  return jnp.where(mask[:, None, None], s, tiling.NEG_INF)
+
+
+def _tile_kind(qd_i, kd_j, i, j, bq, bk, q_off):
+  """0: every pair visible (no mask needed), 1: partly masked, 2: nothing visible.
+
+  A tile needs no mask when its last key precedes its first query and every
+  token of it belongs to one document (per row); it is skipped when the
+  document ranges of its queries and keys do not overlap in any row.
+  """
+  below_diagonal = j * bk + bk - 1 <= i * bq + q_off
+  q_lo, q_hi = qd_i.min(axis=1), qd_i.max(axis=1)
+  k_lo, k_hi = kd_j.min(axis=1), kd_j.max(axis=1)
+  one_doc = jnp.all((q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo))
+  disjoint = jnp.all((k_hi < q_lo) | (k_lo > q_hi))
+  return jnp.where(disjoint, 2, jnp.where(below_diagonal & one_doc, 0, 1))
 
 
 def _forward(static, q, k, v, qd, kd, qp, kp, leaves, q_off):
@@ -92,20 +108,35 @@ def _forward(static, q, k, v, qd, kd, qp, kp, leaves, q_off):
     hi = jnp.clip((i * bq + bq - 1 + q_off) // bk + 1, 0, nk)
 
     def kv_step(j, carry):
-      m, l, acc = carry
       kp_j = None if kp is None else kp[j]
-      s, mask = _scores(static, leaves, q_i, k[j], qd_i, kd[j], qp_i, kp_j, i, j, q_off)
-      m_new = jnp.maximum(m, s.max(-1))
-      p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-      alpha = jnp.exp(m - m_new)
-      pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), v[j], preferred_element_type=_F32)
-      return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+
+      def update(masked):
+        def run(carry):
+          m, l, acc = carry
+          s = _scores(static, leaves, q_i, k[j], qd_i, kd[j], qp_i, kp_j, i, j, q_off, masked)
+          m_new = jnp.maximum(m, s.max(-1))
+          # Masked scores give exp(NEG_INF - m_new) = 0 once a row has seen a real
+          # key; before that m_new is NEG_INF too and the junk they add is scaled
+          # away by alpha = exp(NEG_INF - m_real) = 0 at the row's first real key.
+          p = jnp.exp(s - m_new[..., None])
+          alpha = jnp.exp(m - m_new)
+          pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), v[j],
+                          preferred_element_type=_F32)
+          return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+        return run
+
+      kind = _tile_kind(qd_i, kd[j], i, j, bq, bk, q_off)
+      return lax.switch(kind, (update(False), update(True), lambda c: c), carry)
 
     init = (jnp.full((b, kv, g, bq), tiling.NEG_INF, _F32), jnp.zeros((b, kv, g, bq), _F32),
             jnp.zeros((b, kv, g, bq, d), _F32))
     m, l, acc = lax.fori_loop(0, hi, kv_step, init)
-    l_safe = jnp.where(l > 0, l, 1.0)   # rows that see no key at all (padding) output 0
-    return None, ((acc / l_safe[..., None]).astype(q.dtype), m + jnp.log(l_safe))
+    # Rows that saw no key (padding) output 0 and get lse = +inf-like, so the
+    # backward's exp(s - lse) is 0 for them without a mask.
+    seen = m > tiling.NEG_INF / 2
+    l_safe = jnp.where(seen, l, 1.0)
+    out = jnp.where(seen[..., None], acc / l_safe[..., None], 0.0).astype(q.dtype)
+    return None, (out, jnp.where(seen, m + jnp.log(l_safe), -tiling.NEG_INF))
 
   _, (out, lse) = lax.scan(q_step, None, (jnp.arange(nq), q, qd, qp))
   return out, lse
@@ -134,25 +165,31 @@ def _backward(static, res, do):
     j, k_j, v_j, kd_j, kp_j = xs
     lo = jnp.clip((j * bk - q_off) // bq, 0, nq)   # first query block that sees key block j
 
+    def tile_grads(masked):
+      def run(i, inner):
+        dq_acc, dk_j, dv_j, dbias = inner
+        q_i, do_i = q[i], do[i]
+        qp_i = None if qp is None else qp[i]
+        s = _scores(static, leaves, q_i, k_j, qd[i], kd_j, qp_i, kp_j, i, j, q_off, masked)
+        p = jnp.exp(s - lse[i][..., None])   # masked scores are NEG_INF: p = 0
+        dv_j = dv_j + jnp.einsum("bkgts,bkgtd->bksd", p.astype(do.dtype), do_i,
+                                 preferred_element_type=_F32)
+        dp = jnp.einsum("bkgtd,bksd->bkgts", do_i, v_j, preferred_element_type=_F32)
+        ds = p * (dp - delta[i][..., None])
+        ds_c = ds.astype(q.dtype)
+        dq_i = jnp.einsum("bkgts,bksd->bkgtd", ds_c, k_j, preferred_element_type=_F32)
+        dq_acc = lax.dynamic_update_index_in_dim(
+            dq_acc, lax.dynamic_index_in_dim(dq_acc, i, keepdims=False) + dq_i * static.scale, i, 0)
+        dk_j = dk_j + jnp.einsum("bkgts,bkgtd->bksd", ds_c, q_i,
+                                 preferred_element_type=_F32) * static.scale
+        if pert_idx:
+          dbias = jax.tree.map(jnp.add, dbias, bias_grad(ds, qp_i, kp_j))
+        return dq_acc, dk_j, dv_j, dbias
+      return run
+
     def q_step(i, inner):
-      dq_acc, dk_j, dv_j, dbias = inner
-      q_i, do_i = q[i], do[i]
-      qp_i = None if qp is None else qp[i]
-      s, mask = _scores(static, leaves, q_i, k_j, qd[i], kd_j, qp_i, kp_j, i, j, q_off)
-      p = jnp.where(mask, jnp.exp(s - lse[i][..., None]), 0.0)
-      dv_j = dv_j + jnp.einsum("bkgts,bkgtd->bksd", p.astype(do.dtype), do_i,
-                               preferred_element_type=_F32)
-      dp = jnp.einsum("bkgtd,bksd->bkgts", do_i, v_j, preferred_element_type=_F32)
-      ds = p * (dp - delta[i][..., None])
-      ds_c = ds.astype(q.dtype)
-      dq_i = jnp.einsum("bkgts,bksd->bkgtd", ds_c, k_j, preferred_element_type=_F32)
-      dq_acc = lax.dynamic_update_index_in_dim(
-          dq_acc, lax.dynamic_index_in_dim(dq_acc, i, keepdims=False) + dq_i * static.scale, i, 0)
-      dk_j = dk_j + jnp.einsum("bkgts,bkgtd->bksd", ds_c, q_i,
-                               preferred_element_type=_F32) * static.scale
-      if pert_idx:
-        dbias = jax.tree.map(jnp.add, dbias, bias_grad(ds, qp_i, kp_j))
-      return dq_acc, dk_j, dv_j, dbias
+      kind = _tile_kind(qd[i], kd_j, i, j, bq, bk, q_off)
+      return lax.switch(kind, (tile_grads(False), tile_grads(True), lambda i, c: c), i, inner)
 
     zeros_kv = jnp.zeros((b, kv, bk, d), _F32)
     dq_acc, dk_j, dv_j, dbias = lax.fori_loop(lo, nq, q_step, (dq_acc, zeros_kv, zeros_kv, dbias))

@@ -1,13 +1,16 @@
 """Picks an attention implementation from `attention.impl`, the backend and the bias type.
 
-  reference  dense XLA, [B, H, T, S] scores; the test oracle, fastest for short rows on CPU
+  reference  dense XLA, [B, H, T, S] scores; the test oracle
   chunked    blockwise online softmax in plain JAX, any backend, any bias object
   pallas     fused kernels (Triton on GPU, Mosaic on TPU), no bias or ALiBi `Bias`
   cudnn      cuDNN flash attention, GPU, half precision, no bias
-  auto       the best valid one for the backend, bias type, length and dtype
+  auto       the best valid one for the backend, bias type and dtype: GPU cudnn (no
+             bias, half precision) else pallas; TPU pallas; FIRE-like biases and
+             CPU chunked (measured faster than reference on CPU from 32 tokens
+             up, see BENCHMARKS.md)
 
-`get(impl)` returns a kernel that resolves on its first trace, from the actual
-arguments (bias object, sequence length, dtype), logs what `auto` chose, and
+`get(impl)` returns a kernel that resolves when traced, from the actual
+arguments (bias object, dtype, self- or cross-attention), logs what `auto` chose, and
 runs under shard_map when a mesh is active. `check(impl, pe_kind=...)` rejects
 impossible combinations at config-validation time.
 """
@@ -23,9 +26,6 @@ from bipe_jax.attention import shard
 from bipe_jax.attention.bias import Bias
 
 IMPLS = ("auto", "reference", "chunked", "pallas", "cudnn")
-# On CPU `auto` uses the dense reference up to this many keys, chunked above
-# (measured crossover, see BENCHMARKS.md "attention kernels").
-AUTO_REFERENCE_MAX_LEN = 1024
 _HALF = (jnp.bfloat16, jnp.float16)
 _log = logging.getLogger(__name__)
 _logged: set = set()
@@ -38,7 +38,8 @@ def bias_kind(bias) -> str:
   return "alibi" if isinstance(bias, Bias) else "other"
 
 
-def _pe_bias_kind(pe_kind: str) -> str:
+def pe_bias_kind(pe_kind: str) -> str:
+  """bias_kind of the bias objects `pe.kind` produces."""
   from bipe_jax import encodings  # late: encodings imports attention.bias
   kind = encodings.get(pe_kind).bias
   return "none" if kind is None else ("alibi" if kind == "alibi" else "other")
@@ -77,7 +78,7 @@ def check(impl: str, pe_kind: str | None = None, backend: str | None = None) -> 
   _check_name(impl)
   if impl == "auto":
     return
-  kinds = [_pe_bias_kind(pe_kind)] if pe_kind else ["none", "alibi", "other"]
+  kinds = [pe_bias_kind(pe_kind)] if pe_kind else ["none", "alibi", "other"]
   backend = _backend(backend)
   if not any(impl in valid_impls(backend, k) for k in kinds):
     valid = valid_impls(backend, kinds[0])
@@ -86,9 +87,9 @@ def check(impl: str, pe_kind: str | None = None, backend: str | None = None) -> 
                      f"valid choices: auto, {', '.join(valid)}")
 
 
-def resolve(impl: str, bias=None, seq_len: int | None = None, backend: str | None = None,
-            dtype=None, *, kind: str | None = None, encoding: str | None = None) -> str:
-  """The concrete implementation `impl` stands for, given the call's bias, keys and dtype.
+def resolve(impl: str, bias=None, backend: str | None = None, dtype=None, *,
+            kind: str | None = None, encoding: str | None = None) -> str:
+  """The concrete implementation `impl` stands for, given the call's bias and dtype.
 
   `kind` ("none" | "alibi" | "other") overrides the kind read from `bias`.
   """
@@ -107,8 +108,6 @@ def resolve(impl: str, bias=None, seq_len: int | None = None, backend: str | Non
     return "cudnn"
   if "pallas" in valid:
     return "pallas"
-  if backend == "cpu" and seq_len is not None and seq_len <= AUTO_REFERENCE_MAX_LEN:
-    return "reference"
   return "chunked"
 
 
@@ -136,7 +135,7 @@ def get(impl: str, mesh=None, batch_axes=None):
 
   def attention(q_BTHD, k_BSKD, v_BSKD, *, q_doc_BT, k_doc_BS, bias=None, q_offset=0):
     backend = _backend(None)
-    name = resolve(impl, bias, k_BSKD.shape[1], backend, q_BTHD.dtype)
+    name = resolve(impl, bias, backend, q_BTHD.dtype)
     if name == "cudnn" and impl == "auto" and _cudnn_refuses(q_BTHD, k_BSKD, bias, q_offset):
       name = "pallas"   # e.g. cross-attention to a cache: cuDNN path is self-attention only
     key = (impl, name, backend, bias_kind(bias), k_BSKD.shape[1], jnp.dtype(q_BTHD.dtype).name)
