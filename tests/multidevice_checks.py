@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
+import time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import jax
 import numpy as np
@@ -72,8 +73,9 @@ def one_device_mesh(config):
   return sharding.make_mesh(config, devices=jax.devices()[:1])
 
 
-def run_steps(trainer, batches, key=1):
-  state = trainer.init(jax.random.key(trainer.config.seed))
+def run_steps(trainer, batches, key=1, state=None):
+  if state is None:
+    state = trainer.init(jax.random.key(trainer.config.seed))
   losses = []
   for b in batches:
     state, m = trainer.step(state, trainer.global_batch(b), jax.random.key(key))
@@ -99,7 +101,14 @@ def config_error(config) -> str:
 
 
 def main(out_path, workdir, cache_dir):
-  out = {"devices": jax.device_count()}
+  out = {"devices": jax.device_count(), "seconds": {}}
+  t0 = time.time()
+
+  def lap(name):
+    nonlocal t0
+    out["seconds"][name] = round(time.time() - t0, 1)
+    t0 = time.time()
+
   config = tiny_config(steps=STEPS)
   config.data.cache_dir = cache_dir
   corpus = pipeline.prepare(config, workdir)
@@ -108,8 +117,16 @@ def main(out_path, workdir, cache_dir):
   batches = [next(it) for _ in range(STEPS)]
   held = heldout_batch(config, corpus)
 
+  lap("prepare")
+
   # One device: the reference every mesh must reproduce.
-  _, out["losses_1"] = run_steps(Trainer(config, vocab, one_device_mesh(config)), batches)
+  base = Trainer(config, vocab, one_device_mesh(config))
+  # Host copy of the initial state: later trainers on a new layout start from it
+  # (device_put onto their shardings) instead of compiling their own initialiser.
+  init = jax.tree.map(np.asarray, base.init(jax.random.key(config.seed)))
+  _, out["losses_1"] = run_steps(base, batches, state=jax.device_put(init, base.state_sharding))
+
+  lap("one_device")
 
   out["meshes"] = {}
   for shape in ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2"):
@@ -123,6 +140,8 @@ def main(out_path, workdir, cache_dir):
         "data_shard": trainer.data_shard(), "eval_nll": eval_nll(trainer, state.params, held)}
     if shape == "fsdp=8":
       fsdp_state, fsdp_config = state, config.copy_and_resolve_references()
+
+  lap("meshes")
 
   # Checkpoint across meshes: save from fsdp=8, restore onto 1 device and data=2,tensor=4.
   ckpt_dir = os.path.join(workdir, "fsdp8")
@@ -144,6 +163,8 @@ def main(out_path, workdir, cache_dir):
                             zip(jax.tree.leaves(saved), jax.tree.leaves(state.params))),
         "eval_nll": eval_nll(trainer, state.params, held)}
 
+  lap("restore")
+
   # Gradient accumulation: 4 micro-batches of 8 rows against one batch of 32.
   big = tiny_config(steps=3)
   big.data.cache_dir = cache_dir
@@ -151,16 +172,23 @@ def main(out_path, workdir, cache_dir):
   big.mesh.shape = "data=4,fsdp=2"
   it = pipeline.train_iterator(big, corpus)
   big_batches = [next(it) for _ in range(3)]
-  accum = {}
+  accum, init = {}, None
   for k in (1, 4):
     big.train.grad_accum_steps = k
     config_lib.validate(big)
-    state, losses = run_steps(Trainer(big, vocab), big_batches)
+    trainer = Trainer(big, vocab)
+    if init is None:
+      init = jax.tree.map(np.asarray, trainer.init(jax.random.key(big.seed)))
+    # One initialiser compile serves both: the same mesh, so the same layout.
+    start = jax.device_put(init, trainer.state_sharding)
+    state, losses = run_steps(trainer, big_batches, state=start)
     accum[k] = (losses, jax.tree.map(np.asarray, state.params))
   out["accum"] = {
       "losses_1": accum[1][0], "losses_4": accum[4][0],
       "max_param_diff": max(float(np.max(np.abs(a - b))) for a, b in
                             zip(jax.tree.leaves(accum[1][1]), jax.tree.leaves(accum[4][1])))}
+
+  lap("accum")
 
   # Mixed precision: bf16 compute, fp32 parameters and optimizer state.
   mp = tiny_config(steps=2)
@@ -168,13 +196,15 @@ def main(out_path, workdir, cache_dir):
   mp.mesh.shape = "fsdp=8"
   mp.model.dtype = "bfloat16"
   trainer = Trainer(mp, vocab)
-  state = trainer.init(jax.random.key(mp.seed))
+  state = jax.device_put(init, trainer.state_sharding)
   hlo = trainer._step_jit.lower(state, trainer.global_batch(batches[0]),  # pylint: disable=protected-access
                                 jax.random.key(1)).as_text()
-  state, losses = run_steps(trainer, batches[:2])
+  state, losses = run_steps(trainer, batches[:2], state=state)
   out["bf16"] = {"losses": losses, "bf16_dots": hlo.count("bf16"),
                  "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(state.params)}),
                  "mu_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(adam_mu(state))})}
+
+  lap("bf16")
 
   # Remat: the same numbers, with the blocks' forward recomputed in the backward pass.
   rm = tiny_config(steps=2)
@@ -189,8 +219,11 @@ def main(out_path, workdir, cache_dir):
         state, batches[0], jax.random.key(1)))
     entry = {"remat_in_jaxpr": "checkpoint" in jaxpr or "remat" in jaxpr}
     if policy == "full":
-      entry["losses"] = run_steps(trainer, batches[:2])[1]
+      entry["losses"] = run_steps(trainer, batches[:2],
+                                  state=jax.device_put(init, trainer.state_sharding))[1]
     out["remat"][policy] = entry
+
+  lap("remat")
 
   # Config errors, before any work, naming both numbers.
   bad = tiny_config()
