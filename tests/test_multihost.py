@@ -62,7 +62,10 @@ def runs(tmp_path_factory):
   single = str(root / "single")
   _run([sys.executable, "-m", "bipe_jax.train", *args, f"--workdir={single}"])
   multi = str(root / "multi")
-  out = _launch("bipe_jax.train", [*args, f"--workdir={multi}"])
+  # Parameters sharded across the two processes too; the single-process
+  # evaluation below must then fall back to a mesh that fits its 1 device.
+  out = _launch("bipe_jax.train", [*args, f"--workdir={multi}",
+                                   "--config.mesh.shape=data=2,fsdp=2"])
   _launch("bipe_jax.evaluate", [f"--workdir={multi}", "--lengths=32,64"])
   multi_nll = _nll(multi)
   _run([sys.executable, "-m", "bipe_jax.evaluate", f"--workdir={multi}", "--lengths=32,64"])
@@ -88,7 +91,7 @@ def test_all_processes_wrote_one_checkpoint(runs):
 
 
 def test_single_process_restores_and_evaluates_to_the_same_loss(runs):
-  # Saved from 4 devices in 2 processes, restored onto 1 device in 1 process.
+  # Saved from a data=2,fsdp=2 mesh over 2 processes, restored onto 1 device.
   np.testing.assert_allclose(runs["single_nll"], runs["multi_nll"], rtol=1e-5)
   assert len(runs["single_nll"]) == 2
 
