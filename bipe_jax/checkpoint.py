@@ -11,6 +11,8 @@ import os
 import time
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from orbax.checkpoint.path import step as ocp_step
 
@@ -118,11 +120,15 @@ class Checkpointer:
     return out["state"], (out["data"] if with_data else None)
 
   def _set_aside(self, step: int) -> str:
+    """Moves checkpoint `step` out of the manager's sight (process 0 moves, all wait)."""
     src = os.path.join(str(self.manager.directory), str(step))
     dst_root = os.path.join(os.path.dirname(str(self.manager.directory)), "checkpoints_unreadable")
-    os.makedirs(dst_root, exist_ok=True)
     dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
-    os.rename(src, dst)
+    if jax.process_index() == 0:
+      os.makedirs(dst_root, exist_ok=True)
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"bipe_jax_set_aside_{step}")
     self.manager.reload()
     return dst
 
