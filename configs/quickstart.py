@@ -12,9 +12,9 @@ def get_config():
   c.model.n_kv_heads = 4
   c.model.d_ff = 1024
   c.train.batch_size = 16
-  c.train.steps = 400
+  c.train.steps = 300
   c.train.lr = 2e-3
-  c.train.warmup_steps = 40
+  c.train.warmup_steps = 30
   c.train.schedule = "cosine"
   c.train.end_lr_factor = 0.1
   c.train.log_every = 50
