@@ -117,7 +117,7 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=2, help="timed runs after the compile run")
   ap.add_argument("--xla_flags", default=YNN_DOTS_ONLY,
                   help="XLA_FLAGS for the measuring processes ('' = XLA defaults); default: "
-                       "YNNPACK for single dots only (see module docstring)")
+                       "YNNPACK for single dots only (see YNN_DOTS_ONLY)")
   ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.one:

@@ -243,13 +243,14 @@ def test_single_document_rows():
   assert not bool(cudnn.single_document_rows(doc.at[1, 3:].set(1), doc.at[1, 3:].set(1)))
 
 
-@pytest.mark.parametrize("impl", ["auto", "reference", "chunked"])
-def test_get_keeps_the_model_call_working(impl):
+@pytest.mark.parametrize("impl,blocks", [("auto", {}), ("reference", {}),
+                                         ("chunked", dict(block_q=8, block_k=16))])
+def test_get_keeps_the_model_call_working(impl, blocks):
   args, kw = make_case(t=20, bias="alibi")
-  kw["q_offset"] = 0
-  args = tuple(x[:, :20] for x in args)
-  got = jax.jit(lambda *a: dispatch.get(impl)(*a, **kw))(*args)
+  got = jax.jit(lambda *a: dispatch.get(impl, **blocks)(*a, **kw))(*args)
   np.testing.assert_allclose(got, reference.attention(*args, **kw), atol=2e-5)
+  with pytest.raises(TypeError, match="block_q"):
+    dispatch.get(impl, block_z=4)
 
 
 def test_model_logits_same_with_chunked_and_reference():

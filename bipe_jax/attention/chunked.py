@@ -2,9 +2,12 @@
 
 Queries are processed one block at a time (`lax.scan`); for each, a loop visits
 only the key blocks the causal mask leaves visible, keeping a running max,
-normaliser and output (the online softmax of FlashAttention). The backward pass
-is a custom VJP that recomputes each score tile from q, k, v and the saved
-log-sum-exp, so nothing of size [T, S] is stored in either direction.
+normaliser and output (the online softmax of FlashAttention). Each tile is one
+of three kinds, chosen at run time (`lax.switch`): wholly visible (below the
+diagonal, one document: no mask is built), partly masked, or wholly masked by
+documents (skipped). The backward pass is a custom VJP that recomputes each
+score tile from q, k, v and the saved log-sum-exp, so nothing of size [T, S]
+is stored in either direction.
 
 Any bias object with `.block(q_pos_Bt, k_pos_Bs) -> [B, H, t, s]` works (ALiBi
 family, FIRE, ...). Its floating-point leaves receive gradients when they are

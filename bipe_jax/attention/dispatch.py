@@ -16,6 +16,7 @@ impossible combinations at config-validation time.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 
@@ -124,14 +125,20 @@ def _cudnn_refuses(q_BTHD, k_BSKD, bias, q_offset) -> bool:
   return cudnn.supports(q_BTHD, k_BSKD, bias, q_offset) is not None
 
 
-def get(impl: str, mesh=None, batch_axes=None):
+def get(impl: str, mesh=None, batch_axes=None, **block_sizes):
   """attention(q, k, v, *, q_doc_BT, k_doc_BS, bias=None, q_offset=0) for `impl`.
 
   Resolution happens when the returned function is traced (it sees the bias
-  type, the key length and the dtype); with an active mesh of several devices
-  the kernel runs under shard_map (see attention.shard).
+  type, the dtype and whether T == S); with an active mesh of several devices
+  the kernel runs under shard_map (see attention.shard). `block_sizes`
+  (block_q=, block_k=) reach the blockwise kernels (chunked, pallas); None or
+  0 keeps a kernel's default.
   """
   check(impl)
+  blocks = {k: v for k, v in block_sizes.items() if v}
+  unknown = set(blocks) - {"block_q", "block_k"}
+  if unknown:
+    raise TypeError(f"unknown block size arguments {sorted(unknown)}; valid: block_q, block_k")
 
   def attention(q_BTHD, k_BSKD, v_BSKD, *, q_doc_BT, k_doc_BS, bias=None, q_offset=0):
     backend = _backend(None)
@@ -142,7 +149,10 @@ def get(impl: str, mesh=None, batch_axes=None):
     if key not in _logged:
       _logged.add(key)
       _log.info("attention.impl=%s -> %s (backend %s, bias %s, %d keys, %s)", *key)
-    kernel = shard.sharded(kernel_fn(name, backend), mesh, batch_axes)
+    fn = kernel_fn(name, backend)
+    if blocks and name in ("chunked", "pallas"):
+      fn = functools.partial(fn, **blocks)
+    kernel = shard.sharded(fn, mesh, batch_axes)
     return kernel(q_BTHD, k_BSKD, v_BSKD, q_doc_BT=q_doc_BT, k_doc_BS=k_doc_BS,
                   bias=bias, q_offset=q_offset)
 

@@ -42,11 +42,6 @@ def q_offset_array(q_offset):
   return jnp.asarray(q_offset, jnp.int32).reshape(())
 
 
-def unwrap(primal):
-  """(value, perturbed) of a custom_vjp primal under `symbolic_zeros=True`."""
-  return primal.value, primal.perturbed
-
-
 def value_or_zeros(ct, like):
   """A cotangent that may be a symbolic zero, as an array shaped like `like`."""
   if isinstance(ct, jax.custom_derivatives.SymbolicZero):
