@@ -9,6 +9,7 @@ memory (max RSS, which includes parameters, compilation and XLA buffers).
   python benchmarks/eval_long.py                       # 1024..32768, both kinds
   python benchmarks/eval_long.py --lengths 8192 --kinds bipe_alibi --impl chunked
   python benchmarks/eval_long.py --xla_flags=''          # XLA's default CPU fusions
+  python benchmarks/eval_long.py --lengths 1024 8192 --baseline 8192   # + release, ratios
 """
 from __future__ import annotations
 
@@ -109,6 +110,22 @@ def measure(kind: str, length: int, impl: str, repeats: int) -> dict:
               load_avg=os.getloadavg()[0])
 
 
+def _run(cmd, env) -> dict | str:
+  """One measurement in a fresh process: its JSON result, or why it failed."""
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if proc.returncode:
+    return f"FAILED (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _row(kind, length, r) -> str:
+  if isinstance(r, str):
+    return f"{kind:<11} {length:>6} {r}"
+  return (f"{kind:<11} {length:>6} {r['resolved']:>9} {r['tokens_per_s']:>9.1f} "
+          f"{r['peak_rss_gb']:>11.2f} {r['best_s']:>7.2f} {r['first_call_s']:>10.1f} "
+          f"{r['load_avg']:>5.1f}")
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
@@ -118,6 +135,10 @@ def main(argv=None):
   ap.add_argument("--xla_flags", default=YNN_DOTS_ONLY,
                   help="XLA_FLAGS for the measuring processes ('' = XLA defaults); default: "
                        "YNNPACK for single dots only (see YNN_DOTS_ONLY)")
+  ap.add_argument("--baseline", type=int, default=0, metavar="MAX_LENGTH",
+                  help="also measure the release's PyTorch eager pass (benchmarks/release_torch.py, "
+                       "needs torch) at every length up to MAX_LENGTH and print ratios")
+  ap.add_argument("--out", help="append every result as a JSON line to this file")
   ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
   if args.one:
@@ -128,20 +149,32 @@ def main(argv=None):
   print(f"XLA_FLAGS={env['XLA_FLAGS']!r}; {os.cpu_count()} CPUs", flush=True)
   print(f"{'encoding':<11} {'length':>6} {'impl':>9} {'tokens/s':>9} {'peak RSS GB':>11} "
         f"{'best s':>7} {'1st call s':>10} {'load':>5}", flush=True)
+  here = os.path.dirname(os.path.abspath(__file__))
+  pairs = []
   for kind in args.kinds:
     for length in args.lengths:
       repeats = args.repeats if length < 16384 else 1   # a 32k pass takes minutes
-      cmd = [sys.executable, __file__, "--one", "--kinds", kind, "--lengths", str(length),
-             "--impl", args.impl, "--repeats", str(repeats)]
-      proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-      if proc.returncode:
-        print(f"{kind:<11} {length:>6} FAILED (exit {proc.returncode}): "
-              f"{proc.stderr.strip().splitlines()[-1:]}", flush=True)
-        continue
-      r = json.loads(proc.stdout.strip().splitlines()[-1])
-      print(f"{kind:<11} {length:>6} {r['resolved']:>9} {r['tokens_per_s']:>9.1f} "
-            f"{r['peak_rss_gb']:>11.2f} {r['best_s']:>7.2f} {r['first_call_s']:>10.1f} "
-            f"{r['load_avg']:>5.1f}", flush=True)
+      ours = _run([sys.executable, __file__, "--one", "--kinds", kind, "--lengths", str(length),
+                   "--impl", args.impl, "--repeats", str(repeats)], env)
+      print(_row(kind, length, ours), flush=True)
+      base = None
+      if length <= args.baseline:
+        base = _run([sys.executable, os.path.join(here, "release_torch.py"), "--kind", kind,
+                     "--length", str(length), "--repeats", str(repeats)], env)
+        print(_row(kind, length, base), flush=True)
+      pairs.append((kind, length, ours, base))
+      if args.out:
+        with open(args.out, "a") as f:
+          for r in (ours, base):
+            if isinstance(r, dict):
+              f.write(json.dumps(r) + "\n")
+  done = [(k, n, o, b) for k, n, o, b in pairs if isinstance(o, dict) and isinstance(b, dict)]
+  if done:
+    print("\nagainst the release's PyTorch eager pass, same machine, same run:")
+    print(f"{'encoding':<11} {'length':>6} {'tokens/s x':>10} {'peak RSS /':>10}")
+    for kind, length, o, b in done:
+      print(f"{kind:<11} {length:>6} {o['tokens_per_s'] / b['tokens_per_s']:>10.2f} "
+            f"{b['peak_rss_gb'] / o['peak_rss_gb']:>10.2f}")
 
 
 if __name__ == "__main__":
