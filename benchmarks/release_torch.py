@@ -10,10 +10,13 @@ MLP, untied LM head, float32 logits and the cross-entropy loss. Random
 weights (std 0.02), fp32, torch.no_grad, PyTorch's default threads.
 
 Needs PyTorch (`pip install torch`; not a dependency of bipe_jax). Run alone
-it measures one case and prints one JSON line; eval_long.py --baseline runs it
-once per length in a fresh process, as it does its own measurements.
+it measures one case and prints one JSON line; eval_long.py --baseline and
+train_step.py --baseline run it in a fresh process next to their own measurements.
+--train times a training step instead: forward, backward, gradient clipping
+and AdamW.
 
   python benchmarks/release_torch.py --kind bipe_rope --length 8192
+  python benchmarks/release_torch.py --train --length 1024 --batch 1
 """
 from __future__ import annotations
 
@@ -119,28 +122,60 @@ class ReleaseModel(nn.Module):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
-def measure(kind: str, length: int, repeats: int) -> dict:
+def _model_and_tokens(kind: str, length: int, batch: int = 1):
   torch.manual_seed(0)
-  model = ReleaseModel(kind).eval()
+  model = ReleaseModel(kind)
   with torch.no_grad():
     for p in model.parameters():
       p.normal_(0.0, 0.02)
   rng = np.random.default_rng(0)
-  tokens = rng.integers(0, 32000, (1, length))
-  tokens[rng.random((1, length)) < 1.0 / 13] = 13           # a line about every 13 tokens
-  tokens = torch.from_numpy(tokens)
+  tokens = rng.integers(0, 32000, (batch, length))
+  tokens[rng.random((batch, length)) < 1.0 / 13] = 13           # a line about every 13 tokens
+  return model, torch.from_numpy(tokens)
+
+
+def _timed(fn, repeats: int):
+  t0 = time.perf_counter()
+  loss = float(fn())
+  first = time.perf_counter() - t0
   times = []
-  with torch.no_grad():
+  for _ in range(repeats):
     t0 = time.perf_counter()
-    loss = float(model(tokens))
-    first = time.perf_counter() - t0
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      model(tokens)
-      times.append(time.perf_counter() - t0)
-  best = min(times) if times else first
-  return dict(kind=kind, length=length, impl="release (torch eager)", resolved="torch",
-              loss=loss, first_call_s=first, best_s=best, tokens_per_s=length / best,
+    fn()
+    times.append(time.perf_counter() - t0)
+  return loss, first, min(times) if times else first
+
+
+def measure(kind: str, length: int, repeats: int) -> dict:
+  """One evaluation pass (no_grad): loss of a [1, length] window."""
+  model, tokens = _model_and_tokens(kind, length)
+  model.eval()
+  with torch.no_grad():
+    loss, first, best = _timed(lambda: model(tokens), repeats)
+  return _result(kind, length, "release eval (torch eager)", loss, first, best, length)
+
+
+def measure_train(kind: str, length: int, batch: int, repeats: int) -> dict:
+  """One training step: forward, backward, AdamW (lr 1e-4, wd 0.01) on [batch, length]."""
+  model, tokens = _model_and_tokens(kind, length, batch)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = model(tokens)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
+
+  loss, first, best = _timed(step, repeats)
+  return _result(kind, length, "release train (torch eager)", loss, first, best, batch * length)
+
+
+def _result(kind, length, impl, loss, first, best, tokens) -> dict:
+  return dict(kind=kind, length=length, impl=impl, resolved="torch",
+              loss=loss, first_call_s=first, best_s=best, tokens_per_s=tokens / best,
               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
               load_avg=os.getloadavg()[0], torch=torch.__version__)
 
@@ -150,8 +185,13 @@ def main(argv=None):
   ap.add_argument("--kind", default="bipe_rope", choices=["bipe_rope", "bipe_alibi"])
   ap.add_argument("--length", type=int, default=1024)
   ap.add_argument("--repeats", type=int, default=2, help="timed runs after the first")
+  ap.add_argument("--train", action="store_true", help="time a training step instead")
+  ap.add_argument("--batch", type=int, default=1, help="rows per training step")
   args = ap.parse_args(argv)
-  print(json.dumps(measure(args.kind, args.length, args.repeats)))
+  if args.train:
+    print(json.dumps(measure_train(args.kind, args.length, args.batch, args.repeats)))
+  else:
+    print(json.dumps(measure(args.kind, args.length, args.repeats)))
 
 
 if __name__ == "__main__":

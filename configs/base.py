@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.pe.release_padding_row = False  # True: intra table's last row is zero and never trained (the release)
 
   c.attention = ml_collections.ConfigDict()
-  c.attention.impl = "auto"       # auto | reference
+  c.attention.impl = "auto"       # auto | reference | chunked | pallas | cudnn (see bipe_jax/attention)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256

@@ -194,6 +194,29 @@ def test_pallas_lowers_for_its_backend(kernel, platform):
   assert "bipe_flash_dkv" in text and "bipe_flash_dq" in text
 
 
+# --- on the hardware itself (skipped elsewhere; CI has neither) ---------------------------------
+
+_ON = {"gpu": ("pallas_gpu", "cudnn"), "tpu": ("pallas_tpu",)}
+
+
+@pytest.mark.skipif(jax.default_backend() not in _ON, reason="needs a GPU or TPU")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("bias,t,s", [("alibi", 300, 300), ("none", 300, 300), ("alibi", 77, 300)])
+def test_kernels_run_on_their_hardware(dtype, bias, t, s):
+  """Compiled (not interpreted) Pallas kernels, and cuDNN where it applies, vs reference."""
+  args, kw = make_case(b=2, t=t, s=s, h=12, kv=4, d=64, bias=bias, dtype=dtype, pos_scale=40.0)
+  tol = dict(atol=2e-2, grad_atol=3e-2) if dtype == jnp.bfloat16 else dict(atol=2e-3, grad_atol=5e-3)
+  for name in _ON[jax.default_backend()]:
+    if name == "cudnn":
+      if bias != "none" or dtype != jnp.bfloat16 or t != s:
+        continue
+      kw1 = {**kw, "k_doc_BS": jnp.zeros_like(kw["k_doc_BS"]), "q_doc_BT": jnp.zeros_like(kw["q_doc_BT"])}
+      assert_matches_reference(cudnn.attention, args, kw1, **tol)
+    else:
+      fn, _ = PALLAS[name]
+      assert_matches_reference(fn, args, kw, **tol)
+
+
 # --- dispatch -----------------------------------------------------------------------------------
 
 def test_dispatch_routes_by_backend_bias_and_dtype():

@@ -1,0 +1,129 @@
+"""Training-step throughput of a 151M config on this machine, against the release's.
+
+Builds the trainer of a config (default configs/bipe_rope_151m.py, the paper's
+model) with `--batch` rows of `--seq_len` tokens, random tokens with a
+separator about every 13 tokens, jits the full step (forward, backward,
+clipping, AdamW; state donated), runs it once to compile, then times
+`--steps` steps and reports tokens/s (best step) and the peak resident memory.
+With --baseline, benchmarks/release_torch.py --train measures the release's
+PyTorch eager step on the same shapes in a fresh process, and the ratio is
+printed. Runs in subprocesses so each figure has its own process's peak.
+
+  python benchmarks/train_step.py --baseline
+  python benchmarks/train_step.py --config configs/bipe_alibi_151m.py --set train.remat=dots
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+YNN_DOTS_ONLY = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"   # see eval_long.py
+
+
+def _config(path: str, overrides: list[str], batch: int, seq_len: int):
+  sys.path.insert(0, REPO)
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.train.batch_size, c.data.seq_len = batch, seq_len
+  for item in overrides:
+    key, value = item.split("=", 1)
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+  return c
+
+
+def measure(args) -> dict:
+  import jax
+  import numpy as np
+  from bipe_jax import positions
+  from bipe_jax.trainer import Trainer
+  c = _config(args.config, args.set, args.batch, args.seq_len)
+  trainer = Trainer(c, vocab_size=c.tokenizer.vocab_size)
+  state = trainer.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, c.tokenizer.vocab_size, (args.batch, args.seq_len + 1), dtype=np.int32)
+  sep = rng.random(tokens.shape) < 1.0 / 13
+  intra, inter = positions.bilevel_ids(tokens[:, :-1], sep[:, :-1], max_intra=c.pe.max_intra,
+                                       per_token=True)
+  n = args.seq_len
+  batch = trainer.global_batch(dict(
+      tokens=tokens[:, :-1], targets=tokens[:, 1:], intra=intra, inter=inter,
+      positions=np.tile(np.arange(n, dtype=np.int32), (args.batch, 1)),
+      doc_ids=np.zeros((args.batch, n), np.int32), loss_mask=np.ones((args.batch, n), np.float32)))
+  key = jax.random.key(1)
+  t0 = time.perf_counter()
+  state, m = trainer.step(state, batch, key)
+  loss = float(m["loss"])
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, m = trainer.step(state, batch, key)
+    jax.block_until_ready(m["loss"])
+    times.append(time.perf_counter() - t0)
+  return dict(config=os.path.basename(args.config), overrides=args.set, batch=args.batch,
+              seq_len=n, loss=loss, first_call_s=first, best_s=min(times),
+              tokens_per_s=args.batch * n / min(times),
+              peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+              load_avg=os.getloadavg()[0], pe_kind=c.pe.kind)
+
+
+def _run(cmd, env) -> dict:
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if proc.returncode:
+    sys.exit(f"measurement failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--config", default=os.path.join(REPO, "configs", "bipe_rope_151m.py"))
+  ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                  help="config overrides, e.g. train.remat=dots model.dtype=bfloat16")
+  ap.add_argument("--batch", type=int, default=1)
+  ap.add_argument("--seq_len", type=int, default=1024)
+  ap.add_argument("--steps", type=int, default=3, help="timed steps after the compile step")
+  ap.add_argument("--baseline", action="store_true",
+                  help="also time the release's PyTorch eager step (needs torch)")
+  ap.add_argument("--xla_flags", default=YNN_DOTS_ONLY, help="XLA_FLAGS ('' = XLA defaults)")
+  ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  if args.one:
+    print(json.dumps(measure(args)))
+    return
+  env = dict(os.environ, XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
+                                                          args.xla_flags])))
+  print(f"XLA_FLAGS={env['XLA_FLAGS']!r}; {os.cpu_count()} CPUs; batch {args.batch} x "
+        f"{args.seq_len} tokens", flush=True)
+  print(f"{'what':<34} {'tokens/s':>9} {'peak RSS GB':>11} {'best s':>7} {'1st s':>6} "
+        f"{'loss':>7} {'load':>5}", flush=True)
+  row = lambda name, r: (f"{name:<34} {r['tokens_per_s']:>9.1f} {r['peak_rss_gb']:>11.2f} "
+                         f"{r['best_s']:>7.2f} {r['first_call_s']:>6.1f} {r['loss']:>7.3f} "
+                         f"{r['load_avg']:>5.1f}")
+  ours = _run([sys.executable, __file__, "--one", *sys.argv[1:]] if argv is None else
+              [sys.executable, __file__, "--one", *argv], env)
+  print(row(f"bipe_jax {ours['config']} {' '.join(args.set)}".strip(), ours), flush=True)
+  if args.baseline:
+    kind = ours["pe_kind"] if ours["pe_kind"] in ("bipe_rope", "bipe_alibi") else "bipe_rope"
+    base = _run([sys.executable, os.path.join(HERE, "release_torch.py"), "--train", "--kind", kind,
+                 "--length", str(args.seq_len), "--batch", str(args.batch),
+                 "--repeats", str(args.steps)], env)
+    print(row(f"release {kind} (torch eager)", base), flush=True)
+    print(f"tokens/s ratio bipe_jax / release: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+  main()
