@@ -74,11 +74,29 @@ def measure(args) -> dict:
     state, m = trainer.step(state, batch, key)
     jax.block_until_ready(m["loss"])
     times.append(time.perf_counter() - t0)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
   return dict(config=os.path.basename(args.config), overrides=args.set, batch=args.batch,
               seq_len=n, loss=loss, first_call_s=first, best_s=min(times),
               tokens_per_s=args.batch * n / min(times),
               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-              load_avg=os.getloadavg()[0], pe_kind=c.pe.kind)
+              load_avg=os.getloadavg()[0], pe_kind=c.pe.kind, params_m=n_params / 1e6,
+              matmul_gflops=_matmul_gflops(args.seq_len * args.batch, c.model.d_model,
+                                           c.model.d_ff))
+
+
+def _matmul_gflops(rows: int, d: int, f: int) -> float:
+  """float32 GFLOP/s of a jitted [rows, d] x [d, f] matmul (the MLP's shape), best of 5."""
+  import jax
+  import jax.numpy as jnp
+  a, b = jnp.ones((rows, d), jnp.float32), jnp.ones((d, f), jnp.float32)
+  mm = jax.jit(jnp.dot)
+  jax.block_until_ready(mm(a, b))
+  best = float("inf")
+  for _ in range(5):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(a, b))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * rows * d * f / best / 1e9
 
 
 def _run(cmd, env) -> dict:
@@ -116,6 +134,11 @@ def main(argv=None):
   ours = _run([sys.executable, __file__, "--one", *sys.argv[1:]] if argv is None else
               [sys.executable, __file__, "--one", *argv], env)
   print(row(f"bipe_jax {ours['config']} {' '.join(args.set)}".strip(), ours), flush=True)
+  need = 6 * ours["params_m"] * 1e6 * args.batch * args.seq_len / (ours["matmul_gflops"] * 1e9)
+  print(f"  {ours['params_m']:.1f}M parameters: 6 x params x tokens = "
+        f"{6 * ours['params_m'] * 1e6 * args.batch * args.seq_len / 1e12:.2f} TFLOP per step, "
+        f"{need:.2f} s at the {ours['matmul_gflops']:.0f} GFLOP/s a float32 matmul of the MLP's "
+        f"shape reaches here (step / that: {ours['best_s'] / need:.2f})", flush=True)
   if args.baseline:
     kind = ours["pe_kind"] if ours["pe_kind"] in ("bipe_rope", "bipe_alibi") else "bipe_rope"
     base = _run([sys.executable, os.path.join(HERE, "release_torch.py"), "--train", "--kind", kind,
