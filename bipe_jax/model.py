@@ -160,9 +160,9 @@ class MLP(nn.Module):
     dense = lambda n, feats, axes: nn.Dense(
         feats, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
         kernel_init=_init(c.init_std, *axes), name=n)
-    # Rows flattened to [B*L, D]: XLA:CPU runs the backward of these dots on
-    # [B, L, D] operands about 40% slower than on [B*L, D] (BENCHMARKS.md); the
-    # math and the parameters are the same, and B stays the major (sharded) dim.
+    # Rows flattened to [B*L, D]: on XLA:CPU this MLP's forward+backward takes
+    # 1.33x as long on [B, L, D] operands (benchmarks/mlp_layout.py); the math
+    # and the parameters are the same, and B stays the major (sharded) dim.
     b, l, d = x_BLD.shape
     x_ND = x_BLD.reshape(b * l, d)
     gate_NF = dense("gate", c.d_ff, ("embed", "mlp"))(x_ND)
