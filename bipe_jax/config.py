@@ -73,6 +73,33 @@ def check_overrides(argv: list[str]) -> None:
       raise ConfigError(_unknown(m.group(1), known))
 
 
+def from_saved(saved: dict, source: str = "config.json") -> tuple[ml_collections.ConfigDict, list]:
+  """A work dir's saved config over the current defaults: (config, keys defaulted).
+
+  A work dir written before a key existed still loads (the key takes its
+  default, which reproduces the old behaviour); a key the current code does
+  not know fails, naming it.
+  """
+  from configs import base  # pylint: disable=g-import-not-at-top
+  merged = base.get_config().to_dict()
+  known = set(flat_keys(ml_collections.ConfigDict(merged)))
+  saved_keys = set(flat_keys(ml_collections.ConfigDict(saved)))
+  unknown = sorted(saved_keys - known)
+  if unknown:
+    raise ConfigError(f"{source} holds keys this version of bipe_jax does not know: "
+                      f"{', '.join(unknown)}; evaluate it with the version that wrote it")
+
+  def overlay(into: dict, over: dict) -> None:
+    for k, v in over.items():
+      if isinstance(v, dict) and isinstance(into.get(k), dict):
+        overlay(into[k], v)
+      else:
+        into[k] = v
+
+  overlay(merged, saved)
+  return ml_collections.ConfigDict(merged), sorted(known - saved_keys)
+
+
 def _unknown(key: str, known: set[str]) -> str:
   section = key.rsplit(".", 1)[0] if "." in key else ""
   near = sorted(k for k in known if k.startswith(section + ".")) if section else []

@@ -37,7 +37,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise checkpoint.CheckpointError(
         f"{path} not found: --workdir must be a directory written by bipe-train")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config, defaulted = config_lib.from_saved(json.load(f), path)
+  if defaulted:
+    print(f"{path} predates {len(defaulted)} config keys; using their defaults: "
+          f"{', '.join(defaulted)}")
+  return config
 
 
 def restore_params(config, workdir: str, vocab_size: int, step: int | None = None,

@@ -116,3 +116,22 @@ def test_cli_unknown_override_fails_before_work(tmp_path):
   assert proc.returncode == 2
   assert "unknown config key 'train.foo'; keys under 'train': " in proc.stderr
   assert not os.path.exists(tmp_path / "w"), "nothing may be written before the config is checked"
+
+
+def test_saved_config_from_an_older_version_loads_with_defaults(tmp_path):
+  """config.json lacking keys added later loads (they take defaults); unknown keys fail."""
+  from configs import base
+  saved = base.get_config().to_dict()
+  saved["eval"]["lengths"] = [64, 128]          # JSON lists, a value that differs from base
+  saved["pe"]["kind"] = "bipe_alibi"
+  del saved["pe"]["fire_hidden"], saved["attention"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config = evaluate.load_config(str(tmp_path))
+  assert list(config.eval.lengths) == [64, 128] and config.pe.kind == "bipe_alibi"
+  assert config.pe.fire_hidden == base.get_config().pe.fire_hidden
+  assert config.attention.impl == "auto"
+  config_lib.validate(config)
+  saved["train"]["made_up"] = 1
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(config_lib.ConfigError, match="train.made_up"):
+    evaluate.load_config(str(tmp_path))
