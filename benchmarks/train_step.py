@@ -15,7 +15,6 @@ printed. Runs in subprocesses so each figure has its own process's peak.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -29,19 +28,20 @@ YNN_DOTS_ONLY = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"   # see 
 
 
 def _config(path: str, overrides: list[str], batch: int, seq_len: int):
+  """The config file (as --config= loads it) with `KEY=VALUE` overrides, validated."""
   sys.path.insert(0, REPO)
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  from bipe_jax import config as config_lib
+  c = config_lib.load_file(path)
   c.train.batch_size, c.data.seq_len = batch, seq_len
+  flat = config_lib.flat_keys(c)
   for item in overrides:
     key, value = item.split("=", 1)
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == "True"
+    if key not in flat:
+      sys.exit(f"--set {item}: unknown config key {key!r}")
+    old = flat[key]
+    typed = value == "True" if isinstance(old, bool) else type(old)(value)
+    c.update_from_flattened_dict({key: typed})
+  config_lib.validate(c)
   return c
 
 
