@@ -12,6 +12,7 @@ reference would need more than --max_reference_gb for its [B, H, L, L] scores).
   python benchmarks/attention.py --grad --lengths 1024 2048 --bias none
   python benchmarks/attention.py --batch 8 --dtype bfloat16 --grad  # GPU: + pallas, cudnn
   python benchmarks/attention.py --interpret --lengths 256          # + Pallas interpreted (slow)
+  python benchmarks/attention.py --grad --blocks 256x512 512x256    # + other block sizes
 """
 from __future__ import annotations
 
@@ -40,10 +41,16 @@ def inputs(batch, length, heads, kv_heads, head_dim, dtype, bias_kind, seed=0):
   return qkv, dict(q_doc_BT=doc, k_doc_BS=doc, bias=bias)
 
 
-def candidates(backend: str, bias_kind: str, dtype, interpret: bool) -> dict:
-  """name -> kernel for every implementation that can run this case here."""
+def candidates(backend: str, bias_kind: str, dtype, interpret: bool, blocks=()) -> dict:
+  """name -> kernel for every implementation that can run this case here.
+
+  `blocks`: extra (block_q, block_k) pairs for the blockwise kernels (chunked, pallas).
+  """
   kind = "alibi" if bias_kind == "alibi" else "none"
   out = {name: dispatch.kernel_fn(name, backend) for name in dispatch.valid_impls(backend, kind, dtype)}
+  for name in [n for n in out if n in ("chunked", "pallas")]:
+    for bq, bk in blocks:
+      out[f"{name} {bq}x{bk}"] = functools.partial(out[name], block_q=bq, block_k=bk)
   if interpret and backend == "cpu":
     from bipe_jax.attention import pallas_gpu, pallas_tpu
     out["pallas_tpu (interpret)"] = functools.partial(pallas_tpu.attention, interpret=True,
@@ -91,7 +98,10 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--max_reference_gb", type=float, default=4.0)
   ap.add_argument("--interpret", action="store_true", help="also Pallas kernels interpreted on CPU")
+  ap.add_argument("--blocks", nargs="*", default=[], metavar="QxK",
+                  help="also run the blockwise kernels with these block sizes, e.g. 256x512")
   args = ap.parse_args(argv)
+  blocks = [tuple(int(n) for n in b.split("x")) for b in args.blocks]
   backend = dispatch._backend(None)
   dtype = jnp.dtype(args.dtype)
   print(f"backend {backend} ({jax.devices()[0].device_kind}), batch {args.batch}, heads "
@@ -103,7 +113,7 @@ def main(argv=None):
     qkv, kw = inputs(args.batch, length, args.heads, args.kv_heads, args.head_dim, dtype, args.bias)
     ref_gb = args.batch * args.heads * length * length * 4 * (3 if args.grad else 2) / 2**30
     ref = None
-    for name, fn in candidates(backend, args.bias, dtype, args.interpret).items():
+    for name, fn in candidates(backend, args.bias, dtype, args.interpret, blocks).items():
       if name == "reference" and ref_gb > args.max_reference_gb:
         print(f"{length:>6} {name:<24} skipped: needs ~{ref_gb:.1f} GB of scores", flush=True)
         continue
