@@ -140,6 +140,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "train.batch_size", "train.steps", "train.log_every",
             "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_tokens",
             "train.grad_accum_steps")
+  for key in ("attention.block_q", "attention.block_k"):
+    if flat[key] < 0:
+      raise ConfigError(f"{key}={flat[key]} must be >= 0 (0 = the kernel's default)")
   if m.d_model % m.n_heads:
     raise ConfigError(f"model.d_model={m.d_model} must be divisible by "
                       f"model.n_heads={m.n_heads}")

@@ -51,6 +51,8 @@ class ModelConfig:
   release_padding_row: bool = False
   max_positions: int = 1024   # learned absolute table size (data.seq_len)
   attention_impl: str = "auto"
+  attention_block_q: int = 0      # 0 = the kernel's default
+  attention_block_k: int = 0
   remat: str = "none"         # train.remat: see REMAT_POLICIES
 
   def __post_init__(self):
@@ -95,6 +97,8 @@ class ModelConfig:
                param_dtype=m.param_dtype, pe_kind=pe.kind, **pe_fields,
                max_positions=config.data.seq_len,
                attention_impl=config.attention.impl,
+               attention_block_q=config.attention.get("block_q", 0),
+               attention_block_k=config.attention.get("block_k", 0),
                remat=config.train.get("remat", "none"))
 
 
@@ -142,7 +146,8 @@ class Attention(nn.Module):
     v_BLKD = dense("v", (c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))(x_BLD)
     q_BLHD, k_BLKD, bias = encodings.RelativeEncoding(
         c.encoding, c.pe_params, c.n_heads, c.param_dtype, name="pe")(q_BLHD, k_BLKD, pos_BL)
-    kernel = attn_lib.get(c.attention_impl)
+    kernel = attn_lib.get(c.attention_impl, block_q=c.attention_block_q,
+                          block_k=c.attention_block_k)
     out_BLHD = kernel(q_BLHD, k_BLKD, v_BLKD, q_doc_BT=batch["doc_ids"],
                       k_doc_BS=batch["doc_ids"], bias=bias)
     out_BLHD = _constrain(out_BLHD, "batch", "length", "heads", "head_dim")

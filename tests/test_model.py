@@ -122,22 +122,28 @@ def test_one_sgd_step_lowers_the_loss(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunked_attention_equals_reference(kind, monkeypatch):
   """The whole decoder with the blockwise kernel (4x4 tiles over 16 tokens, so
-  unmasked, masked and skipped tiles all occur) gives the dense reference's
-  logits and parameter gradients, for every encoding kind."""
-  from bipe_jax import attention
-  real_get = attention.get
-  monkeypatch.setattr(attention, "get", lambda impl, **kw: real_get(
-      impl, **({"block_q": 4, "block_k": 4} if impl == "chunked" else {}), **kw))
+  unmasked, masked and skipped tiles all occur; the tile size comes through the
+  model config) gives the dense reference's logits and parameter gradients,
+  for every encoding kind."""
+  from bipe_jax.attention import chunked
+  blocks_seen = []
+  real_chunked = chunked.attention
+  def spy(*args, **kw):
+    blocks_seen.append((kw.get("block_q"), kw.get("block_k")))
+    return real_chunked(*args, **kw)
+  monkeypatch.setattr(chunked, "attention", spy)
   rng = np.random.default_rng(2)
   is_sep = np.zeros(V, bool)
   is_sep[[1, 2]] = True
   batch = _batch(rng.integers(1, 12, (2, L)), is_sep, np.array([[0] * L, [0] * 5 + [1] * (L - 5)]))
   out = {}
   for impl in ("reference", "chunked"):
-    model = Decoder(_cfg(kind, attention_impl=impl, n_heads=4, n_kv_heads=2))
+    model = Decoder(_cfg(kind, attention_impl=impl, n_heads=4, n_kv_heads=2,
+                         attention_block_q=4, attention_block_k=4))   # from attention.block_q/k
     params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
     loss = lambda p: loss_fn(_apply(model, p, batch, True), batch["targets"], batch["loss_mask"])[0]
     out[impl] = (_apply(model, params, batch, True), jax.grad(loss)(params))
+  assert blocks_seen and set(blocks_seen) == {(4, 4)}, blocks_seen
   np.testing.assert_allclose(out["chunked"][0], out["reference"][0], atol=2e-5, rtol=2e-5,
                              err_msg=f"{kind}: logits differ")
   for path, g in jax.tree_util.tree_leaves_with_path(out["reference"][1]):
@@ -146,6 +152,17 @@ def test_chunked_attention_equals_reference(kind, monkeypatch):
       got = got[key.key]
     np.testing.assert_allclose(got, g, atol=2e-5, rtol=1e-4,
                                err_msg=f"{kind}: gradient of {jax.tree_util.keystr(path)} differs")
+
+
+def test_attention_block_sizes_from_config_and_checked():
+  from bipe_jax import config as config_lib
+  c = quickstart.get_config()
+  c.attention.block_q, c.attention.block_k = 128, 64
+  m = ModelConfig.from_config(c, vocab_size=100)
+  assert (m.attention_block_q, m.attention_block_k) == (128, 64)
+  c.attention.block_k = -1
+  with pytest.raises(config_lib.ConfigError, match="attention.block_k=-1"):
+    config_lib.validate(c)
 
 
 def test_model_config_from_experiment_config():
