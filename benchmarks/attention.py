@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ import numpy as np
 
 from bipe_jax import encodings
 from bipe_jax.attention import Bias, dispatch
+from timing import best_seconds
 
 
 def inputs(batch, length, heads, kv_heads, head_dim, dtype, bias_kind, seed=0):
@@ -75,12 +75,7 @@ def run_one(fn, args, kw, grad: bool, repeats: int):
   compiled = step.lower(*args).compile()
   mem = compiled.memory_analysis()
   xla_bytes = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-  jax.block_until_ready(compiled(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    best = min(best, time.perf_counter() - t0)
+  best = best_seconds(compiled, *args, repeats=repeats)
   stats = jax.devices()[0].memory_stats() or {}
   return best, xla_bytes, stats.get("peak_bytes_in_use")
 

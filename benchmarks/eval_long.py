@@ -17,9 +17,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+from timing import run_json
 
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 # XLA:CPU (jax 0.10.2) by default hands whole subgraphs to YNNPACK; for this
@@ -110,14 +111,6 @@ def measure(kind: str, length: int, impl: str, repeats: int) -> dict:
               load_avg=os.getloadavg()[0])
 
 
-def _run(cmd, env) -> dict | str:
-  """One measurement in a fresh process: its JSON result, or why it failed."""
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  if proc.returncode:
-    return f"FAILED (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _row(kind, length, r) -> str:
   if isinstance(r, str):
     return f"{kind:<11} {length:>6} {r}"
@@ -154,12 +147,12 @@ def main(argv=None):
   for kind in args.kinds:
     for length in args.lengths:
       repeats = args.repeats if length < 16384 else 1   # a 32k pass takes minutes
-      ours = _run([sys.executable, __file__, "--one", "--kinds", kind, "--lengths", str(length),
+      ours = run_json([sys.executable, __file__, "--one", "--kinds", kind, "--lengths", str(length),
                    "--impl", args.impl, "--repeats", str(repeats)], env)
       print(_row(kind, length, ours), flush=True)
       base = None
       if length <= args.baseline:
-        base = _run([sys.executable, os.path.join(here, "release_torch.py"), "--kind", kind,
+        base = run_json([sys.executable, os.path.join(here, "release_torch.py"), "--kind", kind,
                      "--length", str(length), "--repeats", str(repeats)], env)
         print(_row(kind, length, base), flush=True)
       pairs.append((kind, length, ours, base))

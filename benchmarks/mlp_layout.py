@@ -7,21 +7,12 @@ bipe_jax.model.MLP flattens its rows.
   python benchmarks/mlp_layout.py
 """
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def best_ms(fn, *args, repeats=5):
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best * 1e3
+from timing import best_seconds
 
 
 def main(argv=None):
@@ -49,7 +40,7 @@ def main(argv=None):
   times = {}
   for name, mlp in (("[B, L, D]", mlp_3d), ("[B*L, D]", mlp_2d)):
     grad = jax.jit(jax.grad(lambda w, x: jnp.sum(mlp(w, x) * x), (0, 1)))
-    times[name] = best_ms(grad, w, x_BLD)
+    times[name] = best_seconds(grad, w, x_BLD, repeats=5) * 1e3
     print(f"{name:<10} forward+backward {times[name]:7.1f} ms", flush=True)
   print(f"[B, L, D] / [B*L, D]: {times['[B, L, D]'] / times['[B*L, D]']:.2f}")
 

@@ -18,13 +18,14 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
+from eval_long import YNN_DOTS_ONLY   # and why it is set
+from timing import best_seconds, run_json
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-YNN_DOTS_ONLY = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"   # see eval_long.py
 
 
 def _config(path: str, overrides: list[str], batch: int, seq_len: int):
@@ -89,21 +90,14 @@ def _matmul_gflops(rows: int, d: int, f: int) -> float:
   import jax
   import jax.numpy as jnp
   a, b = jnp.ones((rows, d), jnp.float32), jnp.ones((d, f), jnp.float32)
-  mm = jax.jit(jnp.dot)
-  jax.block_until_ready(mm(a, b))
-  best = float("inf")
-  for _ in range(5):
-    t0 = time.perf_counter()
-    jax.block_until_ready(mm(a, b))
-    best = min(best, time.perf_counter() - t0)
-  return 2 * rows * d * f / best / 1e9
+  return 2 * rows * d * f / best_seconds(jax.jit(jnp.dot), a, b, repeats=5) / 1e9
 
 
 def _run(cmd, env) -> dict:
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  if proc.returncode:
-    sys.exit(f"measurement failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  r = run_json(cmd, env)
+  if isinstance(r, str):
+    sys.exit(f"measurement {r}")
+  return r
 
 
 def main(argv=None):
