@@ -10,22 +10,24 @@ import sys
 
 import ml_collections
 
-from bipe_jax import encodings
+from bipe_jax import encodings, model
 from bipe_jax.configs import base
+from bipe_jax.data import pipeline, sources, tokenizer
 
 
 class ConfigError(ValueError):
   pass
 
 
+# Choices a module owns are read from it; pe.* values are checked by the
+# encodings' typed parameter classes (through ModelConfig).
 CHOICES = {
-    "data.format": ("auto", "text", "jsonl", "arrayrecord"),
-    "data.packing": ("windows", "documents"),
-    "segmentation.modality": ("text", "code", "cot"),
-    "pe.intra": ("learned", "sinusoidal"),
+    "data.format": sources.FORMATS,
+    "data.packing": pipeline.PACKINGS,
+    "segmentation.modality": tokenizer.MODALITIES,
     "train.schedule": ("polynomial", "cosine"),
     "train.on_nonfinite": ("stop", "skip"),
-    "train.remat": ("none", "full", "dots", "dots_no_batch"),
+    "train.remat": ("none", *model.REMAT_POLICIES),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16"),
 }
@@ -120,37 +122,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.pe.kind not in encodings.KINDS:
     raise ConfigError(f"invalid pe.kind={config.pe.kind!r}; valid: "
                       f"{', '.join(sorted(encodings.KINDS))}")
-  try:
-    encodings.get(config.pe.kind).check_attention(config.attention.impl)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  from bipe_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top
-  try:
-    ModelConfig.from_config(config, vocab_size=1)  # typed per-kind pe parameters
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  if (encodings.get(config.pe.kind).randomized
-      and config.pe.max_random_position < config.data.seq_len):
-    raise ConfigError(f"pe.max_random_position={config.pe.max_random_position} must be "
-                      f">= data.seq_len={config.data.seq_len}")
-  m = config.model
   _positive(flat, "model.d_model", "model.n_layers", "model.n_heads",
-            "model.n_kv_heads", "model.d_ff", "data.seq_len", "pe.max_intra",
+            "model.n_kv_heads", "model.d_ff", "data.seq_len",
             "train.batch_size", "train.steps", "train.log_every",
             "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_tokens",
             "train.grad_accum_steps")
   for key in ("attention.block_q", "attention.block_k"):
     if flat[key] < 0:
       raise ConfigError(f"{key}={flat[key]} must be >= 0 (0 = the kernel's default)")
-  if m.d_model % m.n_heads:
-    raise ConfigError(f"model.d_model={m.d_model} must be divisible by "
-                      f"model.n_heads={m.n_heads}")
-  if m.n_heads % m.n_kv_heads:
-    raise ConfigError(f"model.n_heads={m.n_heads} must be a multiple of "
-                      f"model.n_kv_heads={m.n_kv_heads}")
-  if encodings.get(config.pe.kind).rotary and (m.d_model // m.n_heads) % 2:
-    raise ConfigError(f"pe.kind={config.pe.kind!r} rotates pairs of dims: head dim "
-                      f"{m.d_model // m.n_heads} must be even")
+  try:
+    # Shapes and every pe.* value, checked by ModelConfig and the typed parameters.
+    model.ModelConfig.from_config(config, vocab_size=1)
+    encodings.get(config.pe.kind).check_attention(config.attention.impl)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if not 0.0 <= config.data.heldout_fraction < 1.0:
     raise ConfigError(f"data.heldout_fraction={config.data.heldout_fraction} must be in [0, 1)")
   if config.train.warmup_steps < 0 or config.train.lr <= 0:

@@ -17,17 +17,24 @@ from bipe_jax import attention as attn_lib
 from bipe_jax import encodings
 
 
-# Keys under `pe` that ModelConfig reads, with the defaults used when a config
-# predates a key (older saved configs still load).
-PE_KEYS = dict(max_intra=1024, intra="learned", rope_base=10000.0,
-               alibi_multiplier=0.0, xpos_scale_base=512.0,
-               max_random_position=8192, fire_hidden=32, fire_init_c=0.1,
-               fire_init_threshold=512.0, release_padding_row=False)
+def _with_pe_fields(cls):
+  """Adds one field per pe.* key, its type and default from the typed parameter
+  classes (encodings.PE_DEFAULTS), so a key and its default are written once."""
+  for key, default in encodings.PE_DEFAULTS.items():
+    cls.__annotations__[key] = type(default).__name__
+    setattr(cls, key, default)
+  return cls
 
 
 @dataclasses.dataclass(frozen=True)
+@_with_pe_fields
 class ModelConfig:
-  """Decoder shape plus the `pe.*` fields the encoding's typed params read."""
+  """Decoder shape plus the `pe.*` fields the encoding's typed params read.
+
+  Besides the fields written here it has one field per `pe.*` key
+  (max_intra, intra, rope_base, alibi_multiplier, ...; see
+  encodings.PE_DEFAULTS), defaulting as the typed parameter classes say.
+  """
   vocab_size: int
   d_model: int
   n_layers: int
@@ -38,18 +45,9 @@ class ModelConfig:
   init_std: float = 0.02
   dtype: str = "float32"
   param_dtype: str = "float32"
-  pe_kind: str = "bipe_rope"
-  max_intra: int = 1024
-  intra: str = "learned"
-  rope_base: float = 10000.0
-  alibi_multiplier: float = 0.0
-  xpos_scale_base: float = 512.0
-  max_random_position: int = 8192
-  fire_hidden: int = 32
-  fire_init_c: float = 0.1
-  fire_init_threshold: float = 512.0
-  release_padding_row: bool = False
-  max_positions: int = 1024   # learned absolute table size (data.seq_len)
+  pe_kind: str = encodings.DEFAULT_KIND
+  # data.seq_len: the training length, and the learned absolute table's size.
+  max_positions: int = encodings.params.LearnedParams.max_positions
   attention_impl: str = "auto"
   attention_block_q: int = 0      # 0 = the kernel's default
   attention_block_k: int = 0
@@ -62,13 +60,9 @@ class ModelConfig:
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of "
                        f"model.n_kv_heads={self.n_kv_heads}")
-    enc = self.encoding  # raises on an unknown pe.kind, naming the valid ones
-    if enc.rotary and self.head_dim % 2:
-      raise ValueError(f"pe.kind={self.pe_kind!r} rotates pairs of dims: head "
-                       f"dim {self.head_dim} must be even")
-    # Build the typed parameters now, so a bad pe.* value fails here, by name.
-    enc.params(self)
-    enc.intra_params(self)
+    # Raises on an unknown pe.kind (naming the valid ones) and on a bad pe.*
+    # value (naming the key).
+    self.encoding.check(self)
 
   @property
   def head_dim(self) -> int:
@@ -90,7 +84,8 @@ class ModelConfig:
   @classmethod
   def from_config(cls, config, vocab_size: int) -> "ModelConfig":
     m, pe = config.model, config.pe
-    pe_fields = {k: pe.get(k, default) for k, default in PE_KEYS.items()}
+    # A key missing from an older saved config takes its default.
+    pe_fields = {k: pe[k] for k in encodings.PE_DEFAULTS if k in pe}
     return cls(vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers,
                n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, d_ff=m.d_ff,
                norm_eps=m.norm_eps, init_std=m.init_std, dtype=m.dtype,

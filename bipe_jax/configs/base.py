@@ -6,6 +6,8 @@ Experiment configs (`configs/*.py` in the repository, or any file passed as
 """
 import ml_collections
 
+from bipe_jax import encodings
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -49,17 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
 
   c.pe = ml_collections.ConfigDict()
-  c.pe.kind = "bipe_rope"         # see bipe_jax.encodings.KINDS
-  c.pe.max_intra = 1024           # intra table size; ids clip to max_intra - 1
-  c.pe.intra = "learned"          # learned | sinusoidal (bilevel kinds)
-  c.pe.rope_base = 10000.0
-  c.pe.alibi_multiplier = 0.0     # 0 = the kind's default (96 for bipe_alibi, 1 for alibi)
-  c.pe.xpos_scale_base = 512.0    # xpos / bipe_xpos: score decays by zeta^(distance / this)
-  c.pe.max_random_position = 8192 # randomized_rope: training positions drawn from [0, this); >= data.seq_len
-  c.pe.fire_hidden = 32           # fire / bipe_fire: width of the MLP
-  c.pe.fire_init_c = 0.1          # fire: initial c of psi(x) = log(|c x| + 1)
-  c.pe.fire_init_threshold = 512.0  # fire: initial threshold L of the normaliser psi(max(i, L))
-  c.pe.release_padding_row = False  # True: intra table's last row is zero and never trained (the release)
+  c.pe.kind = encodings.DEFAULT_KIND  # see bipe_jax.encodings.KINDS
+  # Every kind's parameters (max_intra, intra, rope_base, alibi_multiplier,
+  # xpos_scale_base, max_random_position, fire_*, release_padding_row): their
+  # defaults, meaning and checks live in the typed classes of
+  # bipe_jax/encodings/params.py.
+  for key, default in encodings.PE_DEFAULTS.items():
+    c.pe[key] = default
 
   c.attention = ml_collections.ConfigDict()
   c.attention.impl = "auto"       # auto | reference | chunked | pallas | cudnn (see bipe_jax/attention)

@@ -36,12 +36,12 @@ from bipe_jax.encodings.alibi import alibi_bias, alibi_slopes
 from bipe_jax.encodings.fire import Fire, FireBias
 from bipe_jax.encodings.layers import InputEmbedding, RelativeEncoding, attention_positions
 from bipe_jax.encodings.randomized import randomize_positions
-from bipe_jax.encodings.registry import Encoding, KINDS, get
+from bipe_jax.encodings.registry import DEFAULT_KIND, Encoding, KINDS, PE_DEFAULTS, get
 from bipe_jax.encodings.rope import apply_rope
 from bipe_jax.encodings.tables import sinusoidal
 from bipe_jax.encodings.xpos import apply_xpos
 
-__all__ = ["Encoding", "KINDS", "get", "params", "alibi_bias", "alibi_slopes",
+__all__ = ["DEFAULT_KIND", "Encoding", "KINDS", "PE_DEFAULTS", "get", "params", "alibi_bias", "alibi_slopes",
            "Fire", "FireBias", "InputEmbedding", "RelativeEncoding",
            "attention_positions", "randomize_positions", "apply_rope",
            "apply_xpos", "sinusoidal"]

@@ -58,6 +58,17 @@ class Encoding:
     """Typed parameters of the position part, read from `obj` (a ModelConfig)."""
     return self.params_cls.from_fields(obj).with_defaults(self)
 
+  def check(self, cfg) -> None:
+    """Raises ValueError, naming the key, unless `cfg` (a ModelConfig) can run this kind."""
+    if self.rotary and cfg.head_dim % 2:
+      raise ValueError(f"pe.kind={self.name!r} rotates pairs of dims: head dim "
+                       f"{cfg.head_dim} must be even")
+    p = self.params(cfg)
+    P.IntraParams.from_fields(cfg)  # pe.intra and pe.max_intra are checked for every kind
+    if self.randomized and p.max_random_position < cfg.max_positions:
+      raise ValueError(f"pe.max_random_position={p.max_random_position} must be "
+                       f">= data.seq_len={cfg.max_positions}")
+
   def intra_params(self, obj) -> P.IntraParams | None:
     """Typed parameters of the intra table (bilevel kinds), else None."""
     return P.IntraParams.from_fields(obj) if self.input_term == "intra" else None
@@ -115,6 +126,21 @@ def _bilevel(base: Encoding) -> Encoding:
 _ALL = _BASE + tuple(_bilevel(e) for e in _BASE if e.relative)
 
 KINDS: dict[str, Encoding] = {e.name: e for e in _ALL}
+DEFAULT_KIND = "bipe_rope"
+
+
+def _pe_defaults() -> dict:
+  """{pe.* key: default} over the typed parameters of every kind and the intra table."""
+  out = {}
+  for cls in (P.IntraParams, *(e.params_cls for e in _ALL)):
+    for key, default in cls.pe_defaults().items():
+      if out.setdefault(key, default) != default:
+        raise AssertionError(f"pe.{key} has two defaults: {out[key]!r} and {default!r}")
+  return out
+
+
+# Every pe.* key but pe.kind, with its default: the base config and ModelConfig read these.
+PE_DEFAULTS: dict = _pe_defaults()
 
 
 def get(kind: str) -> Encoding:
