@@ -47,7 +47,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   pe_kind: str = encodings.DEFAULT_KIND
   # data.seq_len: the training length, and the learned absolute table's size.
-  max_positions: int = encodings.params.LearnedParams.max_positions
+  max_positions: int = encodings.absolute.LearnedParams.max_positions
   attention_impl: str = "auto"
   attention_block_q: int = 0      # 0 = the kernel's default
   attention_block_k: int = 0
@@ -78,7 +78,7 @@ class ModelConfig:
     return self.encoding.params(self)
 
   @property
-  def intra_params(self) -> encodings.params.IntraParams | None:
+  def intra_params(self) -> encodings.absolute.IntraParams | None:
     return self.encoding.intra_params(self)
 
   @classmethod
@@ -213,7 +213,7 @@ class Decoder(nn.Module):
     x_BLD = jnp.take(embed, batch["tokens"], axis=0).astype(c.dtype)
     pe_BLD = encodings.InputEmbedding(
         enc, c.pe_params, c.intra_params, c.d_model, c.init_std, c.param_dtype,
-        name="intra" if enc.input_term == "intra" else "absolute")(batch)
+        name="intra" if enc.bilevel else "absolute")(batch)
     if pe_BLD is not None:
       x_BLD = x_BLD + pe_BLD.astype(c.dtype)
     key = self.make_rng("positions") if enc.randomized and train else None

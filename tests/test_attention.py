@@ -227,6 +227,9 @@ def test_dispatch_routes_by_backend_bias_and_dtype():
   assert r("auto", alibi, "cpu") == "chunked"
   assert r("reference", alibi, "cpu") == "reference"
   assert r("auto", None, "gpu", jnp.bfloat16) == "cudnn"
+  assert r("auto", None, "gpu", jnp.bfloat16, self_attention=False) == "pallas"
+  with pytest.raises(ValueError, match="other keys"):
+    r("cudnn", None, "gpu", jnp.bfloat16, self_attention=False)
   assert r("auto", None, "gpu", jnp.float32) == "pallas"
   assert r("auto", alibi, "gpu", jnp.bfloat16) == "pallas"
   assert r("auto", alibi, "tpu") == "pallas"

@@ -16,7 +16,10 @@ from hypothesis import given, settings, strategies as st
 
 from bipe_jax import encodings, positions
 from bipe_jax.attention import reference
-from bipe_jax.encodings import params as P
+from bipe_jax.encodings.absolute import Intra
+from bipe_jax.encodings.alibi import AlibiRelative
+from bipe_jax.encodings.fire import FireParams, FireRelative
+from bipe_jax.encodings.xpos import XposRelative
 from bipe_jax.model import ModelConfig
 
 B, L, H, K, D = 2, 24, 4, 2, 8
@@ -104,17 +107,17 @@ def np_scores(enc, q, k, pos, m, fire=None):
     phase = np.exp(1j * dist[:, None, :, :, None] * theta)           # [B,1,L,L,F]
     prod = zq[:, :, None].transpose(0, 3, 1, 2, 4) * np.conj(zk[:, None].transpose(0, 3, 1, 2, 4))
     terms = (prod * phase).real
-    if enc.rotary == "xpos":
+    if isinstance(enc.relative, XposRelative):
       zeta = (np.arange(D // 2) * 2.0 / D + 0.4) / 1.4
       terms = terms * zeta ** (dist[:, None, :, :, None] / m.xpos_scale_base)
     s = terms.sum(-1)
   else:
     s = np.einsum("bthd,bshd->bhts", q, k)
   s = s / math.sqrt(D)
-  if enc.bias == "alibi":
+  if isinstance(enc.relative, AlibiRelative):
     mult = m.alibi_multiplier or (96.0 if enc.bilevel else 1.0)
     s = s - (np.array(np_slopes(H)) * mult)[None, :, None, None] * dist[:, None]
-  elif enc.bias == "fire":
+  elif isinstance(enc.relative, FireRelative):
     f = {n: np.asarray(x, np.float64) for n, x in fire.items()}
     psi = lambda x: np.log(np.abs(f["c"] * x) + 1)
     thr = abs(f["threshold_multiplier"] * m.fire_init_threshold)
@@ -277,7 +280,7 @@ def test_fire_bias_tiles_and_chunked_kernel():
   np.testing.assert_allclose(got_l, ref_l, rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
                got_g, ref_g)
-  assert m.encoding.bias == "fire" and m.encoding.bilevel
+  assert isinstance(m.encoding.relative, FireRelative) and m.encoding.bilevel
 
 
 def _input_term(kind, batch, **kw):
@@ -340,13 +343,12 @@ def test_registry_derives_bilevel_twins_and_validates():
   assert {e.name for e in relative} == {"rope", "xpos", "randomized_rope", "alibi", "fire"}
   for e in relative:
     twin = encodings.get("bipe_" + e.name)
-    assert (twin.bilevel, twin.input_term, twin.rotary, twin.bias, twin.randomized) == \
-        (True, "intra", e.rotary, e.bias, e.randomized)
-    assert twin.params_cls is e.params_cls
+    assert twin.bilevel and isinstance(twin.input_term, Intra)
+    assert twin.relative is e.relative and twin.params_cls is e.params_cls
   assert _cfg("alibi").pe_params.alibi_multiplier == 1.0
   assert _cfg("bipe_alibi").pe_params.alibi_multiplier == 96.0
   assert _cfg("bipe_alibi", alibi_multiplier=8.0).pe_params.alibi_multiplier == 8.0
-  assert isinstance(_cfg("bipe_fire").pe_params, P.FireParams)
+  assert isinstance(_cfg("bipe_fire").pe_params, FireParams)
   with pytest.raises(ValueError, match="valid kinds: .*bipe_fire"):
     encodings.get("kerple")
   with pytest.raises(ValueError, match="pe.fire_hidden"):

@@ -1,11 +1,18 @@
 """Decoder with every pe.kind: causality, training signal, config plumbing."""
+import dataclasses
+
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bipe_jax import encodings, positions
+from bipe_jax.attention import PositionBias
+from bipe_jax.encodings import registry
+from bipe_jax.encodings.absolute import Intra, Learned
+from bipe_jax.encodings.fire import FireRelative
 from bipe_jax.model import Decoder, ModelConfig, loss_fn
 from configs import quickstart
 
@@ -110,9 +117,9 @@ def test_one_sgd_step_lowers_the_loss(kind):
   l0, grads = jax.value_and_grad(loss)(params)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   enc = encodings.get(kind)
-  if enc.input_term in ("learned", "intra"):
+  if isinstance(enc.input_term, (Learned, Intra)):
     assert np.abs(grads["intra" if enc.bilevel else "absolute"]["table"]).sum() > 0
-  if enc.bias == "fire":
+  if isinstance(enc.relative, FireRelative):
     fire = grads["layer_0"]["attn"]["pe"]["fire"]
     assert all(np.abs(g).sum() > 0 for g in jax.tree.leaves(fire)), f"{kind}: FIRE untrained"
   stepped = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
@@ -181,3 +188,62 @@ def test_model_config_from_experiment_config():
     ModelConfig.from_config(c, vocab_size=100)
   with pytest.raises(ValueError, match="multiple of model.n_kv_heads"):
     _cfg("rope", n_kv_heads=3)
+
+
+@flax.struct.dataclass
+class _LogDistanceBias(PositionBias):
+  """score[b,h,i,j] -= w[h] log(1 + |pos_i - pos_j|): a bias kind unknown to the package."""
+  w_H: jnp.ndarray
+  q_pos_BT: jnp.ndarray
+  k_pos_BS: jnp.ndarray
+
+  def block(self, q_pos_Bt, k_pos_Bs):
+    dist_Bts = jnp.abs(q_pos_Bt[:, :, None] - k_pos_Bs[:, None, :])
+    return -self.w_H[None, :, None, None] * jnp.log1p(dist_Bts)[:, None]
+
+
+class _LogDistanceWeights(nn.Module):
+  n_heads: int
+
+  @nn.compact
+  def __call__(self, pos_BL):
+    w_H = self.param("w", nn.initializers.uniform(1.0), (self.n_heads,))
+    pos_BL = pos_BL.astype(jnp.float32)
+    return _LogDistanceBias(w_H, pos_BL, pos_BL)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LogDistance(encodings.Relative):
+  bias_kind = "other"
+
+  def bias(self, p, pos_BL, n_heads, param_dtype):
+    return _LogDistanceWeights(n_heads, name="logdist")(pos_BL)
+
+
+def test_a_new_kind_needs_no_change_outside_its_own_code(monkeypatch):
+  """A relative kind defined here (its part, its bias, one registry entry) runs
+  in the decoder with the blockwise kernel exactly as with the dense one, its
+  parameters get gradients, and its derived bilevel twin reads inter ids."""
+  flat = encodings.Encoding("logdist", "LogDist", "log-distance bias", "-",
+                            relative=_LogDistance())
+  for enc in (flat, registry._bilevel(flat)):
+    monkeypatch.setitem(registry.KINDS, enc.name, enc)
+  rng = np.random.default_rng(4)
+  is_sep = np.zeros(V, bool)
+  is_sep[[1, 2]] = True
+  batch = _batch(rng.integers(1, 12, (2, L)), is_sep, np.array([[0] * L, [0] * 5 + [1] * (L - 5)]))
+  for kind in ("logdist", "bipe_logdist"):
+    out = {}
+    for impl in ("reference", "chunked"):
+      model = Decoder(_cfg(kind, attention_impl=impl, attention_block_q=4, attention_block_k=4))
+      params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
+      loss = lambda p: loss_fn(_apply(model, p, batch, True), batch["targets"], batch["loss_mask"])[0]
+      out[impl] = (_apply(model, params, batch, True), jax.grad(loss)(params))
+    np.testing.assert_allclose(out["chunked"][0], out["reference"][0], atol=2e-5, rtol=2e-5)
+    g_ref = out["reference"][1]["layer_0"]["attn"]["pe"]["logdist"]["w"]
+    g_chunked = out["chunked"][1]["layer_0"]["attn"]["pe"]["logdist"]["w"]
+    assert np.abs(g_ref).sum() > 0, f"{kind}: the new bias got no gradient"
+    np.testing.assert_allclose(g_chunked, g_ref, atol=2e-5, rtol=1e-4)
+    m = _cfg(kind)
+    pos = encodings.attention_positions(m.encoding, m.pe_params, batch, False)
+    np.testing.assert_array_equal(pos, batch["inter" if m.encoding.bilevel else "positions"])

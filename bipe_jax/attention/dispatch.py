@@ -3,7 +3,7 @@
   reference  dense XLA, [B, H, T, S] scores; the test oracle
   chunked    blockwise online softmax in plain JAX, any backend, any bias object
   pallas     fused kernels (Triton on GPU, Mosaic on TPU), no bias or ALiBi `Bias`
-  cudnn      cuDNN flash attention, GPU, half precision, no bias
+  cudnn      cuDNN flash attention, GPU, half precision, no bias, self-attention only
   auto       the best valid one for the backend, bias type and dtype: GPU cudnn (no
              bias, half precision) else pallas; TPU pallas; FIRE-like biases and
              CPU chunked (on a 2-core CPU, forward+backward 0.80x the reference's
@@ -11,9 +11,9 @@
              tokens; see BENCHMARKS.md)
 
 `get(impl)` returns a kernel that resolves when traced, from the actual
-arguments (bias object, dtype), logs what `auto` chose, and runs under
-shard_map when a mesh is active. `check(impl, kind)` rejects impossible
-combinations at config-validation time.
+arguments (bias object, dtype, self-attention or not), logs what `auto`
+chose, and runs under shard_map when a mesh is active. `check(impl, kind)`
+rejects impossible combinations at config-validation time.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 
 from bipe_jax.attention import shard
-from bipe_jax.attention.bias import Bias
 
 IMPLS = ("auto", "reference", "chunked", "pallas", "cudnn")
 _HALF = (jnp.bfloat16, jnp.float16)
@@ -35,9 +34,7 @@ _logged: set = set()
 
 def bias_kind(bias) -> str:
   """"none", "alibi" (the in-kernel `Bias`: slopes + positions) or "other" (e.g. FIRE)."""
-  if bias is None:
-    return "none"
-  return "alibi" if isinstance(bias, Bias) else "other"
+  return "none" if bias is None else bias.kernel_kind
 
 
 def _backend(backend: str | None) -> str:
@@ -45,13 +42,19 @@ def _backend(backend: str | None) -> str:
   return "gpu" if backend in ("cuda", "rocm", "gpu") else backend
 
 
-def valid_impls(backend: str | None = None, kind: str = "none", dtype=None) -> tuple:
-  """Concrete implementations that can run `kind` of bias on `backend`."""
+def valid_impls(backend: str | None = None, kind: str = "none", dtype=None,
+                self_attention: bool = True) -> tuple:
+  """Concrete implementations that can run `kind` of bias on `backend`.
+
+  self_attention=False: queries attend to other keys (T != S or a q_offset,
+  e.g. decoding against a cache), which cuDNN's path does not run.
+  """
   backend = _backend(backend)
   names = ["reference", "chunked"]
   if backend in ("gpu", "tpu") and kind in ("none", "alibi"):
     names.append("pallas")
-  if backend == "gpu" and kind == "none" and (dtype is None or jnp.dtype(dtype) in _HALF):
+  if (backend == "gpu" and kind == "none" and self_attention
+      and (dtype is None or jnp.dtype(dtype) in _HALF)):
     names.append("cudnn")
   return tuple(names)
 
@@ -86,7 +89,8 @@ def check(impl: str, kind: str | None = None, backend: str | None = None, *,
 
 
 def resolve(impl: str, bias=None, backend: str | None = None, dtype=None, *,
-            kind: str | None = None, encoding: str | None = None) -> str:
+            kind: str | None = None, encoding: str | None = None,
+            self_attention: bool = True) -> str:
   """The concrete implementation `impl` stands for, given the call's bias and dtype.
 
   `kind` ("none" | "alibi" | "other") overrides the kind read from `bias`.
@@ -94,11 +98,12 @@ def resolve(impl: str, bias=None, backend: str | None = None, dtype=None, *,
   _check_name(impl)
   kind = kind or bias_kind(bias)
   backend = _backend(backend)
-  valid = valid_impls(backend, kind, dtype)
+  valid = valid_impls(backend, kind, dtype, self_attention)
   if impl != "auto":
     if impl not in valid:
+      what = "" if self_attention else " attending to other keys (T != S or a q_offset)"
       raise ValueError(
-          f"attention.impl={impl!r} cannot run {_describe(kind, encoding)} on backend "
+          f"attention.impl={impl!r} cannot run {_describe(kind, encoding)}{what} on backend "
           f"{backend!r} with dtype {jnp.dtype(dtype).name if dtype else 'any'}; "
           f"valid choices: auto, {', '.join(valid)}")
     return impl
@@ -121,7 +126,7 @@ def get(impl: str, mesh=None, batch_axes=None, **block_sizes):
   """attention(q, k, v, *, q_doc_BT, k_doc_BS, bias=None, q_offset=0) for `impl`.
 
   Resolution happens when the returned function is traced (it sees the bias
-  type and the dtype); with an active mesh of several devices
+  type, the dtype and whether queries and keys are the same tokens); with an active mesh of several devices
   the kernel runs under shard_map (see attention.shard). `block_sizes`
   (block_q=, block_k=) reach the blockwise kernels (chunked, pallas); None or
   0 keeps a kernel's default.
@@ -134,7 +139,9 @@ def get(impl: str, mesh=None, batch_axes=None, **block_sizes):
 
   def attention(q_BTHD, k_BSKD, v_BSKD, *, q_doc_BT, k_doc_BS, bias=None, q_offset=0):
     backend = _backend(None)
-    name = resolve(impl, bias, backend, q_BTHD.dtype)
+    self_attention = (q_BTHD.shape[1] == k_BSKD.shape[1]
+                      and isinstance(q_offset, int) and q_offset == 0)
+    name = resolve(impl, bias, backend, q_BTHD.dtype, self_attention=self_attention)
     key = (impl, name, backend, bias_kind(bias), k_BSKD.shape[1], jnp.dtype(q_BTHD.dtype).name)
     if key not in _logged:
       _logged.add(key)

@@ -2,19 +2,16 @@
 
 Attention is independent per (batch row, head), so each device runs the
 kernel on its own rows and heads with no communication. The mesh is the one
-passed in or the one active in context (`jax.set_mesh`).
+passed in or the one active in context (`jax.set_mesh`). A bias says itself
+how it splits (`PositionBias.partition_specs`, `.local_heads`).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 
-import flax.struct
 import jax
 from jax.sharding import PartitionSpec as P
-
-from bipe_jax.attention.bias import Bias
 
 HEAD_AXIS = "tensor"
 _log = logging.getLogger(__name__)
@@ -59,36 +56,6 @@ def plan(mesh, batch: int, heads: int, kv_heads: int, batch_axes=None):
   return tuple(used), head
 
 
-@flax.struct.dataclass
-class _LocalHeads:
-  """A replicated bias whose `.block` keeps only this device's heads."""
-  inner: object
-  n_local: int = flax.struct.field(pytree_node=False)
-  axis: str = flax.struct.field(pytree_node=False)
-
-  @property
-  def q_pos_BT(self):
-    return self.inner.q_pos_BT
-
-  @property
-  def k_pos_BS(self):
-    return self.inner.k_pos_BS
-
-  def block(self, q_pos_Bt, k_pos_Bs):
-    full_BHts = self.inner.block(q_pos_Bt, k_pos_Bs)
-    start = jax.lax.axis_index(self.axis) * self.n_local
-    return jax.lax.dynamic_slice_in_dim(full_BHts, start, self.n_local, axis=1)
-
-
-def _bias_specs(bias, batch_spec, head):
-  """PartitionSpecs for a bias pytree: positions by batch; ALiBi slopes by head."""
-  specs = jax.tree.map(lambda _: P(), bias)
-  pos = P(batch_spec, None)
-  if isinstance(bias, Bias):
-    return specs.replace(slopes_H=P(head), q_pos_BT=pos, k_pos_BS=pos)
-  return dataclasses.replace(specs, q_pos_BT=pos, k_pos_BS=pos)
-
-
 def sharded(kernel, mesh=None, batch_axes=None):
   """`kernel` wrapped to run under shard_map on `mesh` (or the context mesh).
 
@@ -106,11 +73,11 @@ def sharded(kernel, mesh=None, batch_axes=None):
     qkv = P(bspec, None, head, None)
     doc = P(bspec, None)
     n_local = h // m.shape[head] if head else h
-    bias_spec = P() if bias is None else _bias_specs(bias, bspec, head)
+    bias_spec = P() if bias is None else bias.partition_specs(bspec, head)
 
     def body(q, k, v, qd, kd, bi):
-      if bi is not None and head and not isinstance(bi, Bias):
-        bi = _LocalHeads(bi, n_local, head)
+      if bi is not None and head:
+        bi = bi.local_heads(n_local, head)
       return kernel(q, k, v, q_doc_BT=qd, k_doc_BS=kd, bias=bi, q_offset=q_offset)
 
     fn = jax.shard_map(body, mesh=m, in_specs=(qkv, qkv, qkv, doc, doc, bias_spec),

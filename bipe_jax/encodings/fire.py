@@ -12,21 +12,28 @@ distance into [0, 1] relative to the query's own position, so longer inputs
 interpolate instead of extrapolating. Positions are the flat index or, for
 `bipe_fire`, the segment index. Each layer owns its FIRE parameters.
 
-`FireBias` has the interface kernels expect of a bias (`block`, `q_pos_BT`,
-`k_pos_BS`, `full`), so chunked kernels evaluate it tile by tile.
+`FireBias` is an `attention.PositionBias`, so blockwise kernels evaluate it
+tile by tile; under shard_map its parameters are replicated and each device
+keeps its own heads (the interface's defaults).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from bipe_jax.attention.bias import PositionBias
+from bipe_jax.encodings import params as P
+from bipe_jax.encodings.kind import Relative
+
 FIRE_EPS = 1e-6
 
 
 @flax.struct.dataclass
-class FireBias:
+class FireBias(PositionBias):
   """FIRE parameters plus per-token positions; never materialised as [L, L].
 
   c, threshold: scalars; w1_W, b1_W: first layer [hidden]; w2_WH [hidden, H],
@@ -59,9 +66,6 @@ class FireBias:
     out_BHts = jnp.einsum("btsw,wh->bhts", h_BtsW, f32(self.w2_WH))
     return out_BHts + f32(self.b2_H)[None, :, None, None]
 
-  def full(self):
-    return self.block(self.q_pos_BT, self.k_pos_BS)
-
 
 def _uniform(bound: float):
   # torch.nn.Linear's default init, as in the reference implementation.
@@ -71,9 +75,9 @@ def _uniform(bound: float):
 class Fire(nn.Module):
   """Owns one layer's FIRE parameters; returns a FireBias over `pos_BL`."""
   n_heads: int
-  hidden: int = 32
-  init_c: float = 0.1
-  init_threshold: float = 512.0
+  hidden: int
+  init_c: float
+  init_threshold: float
   param_dtype: str = "float32"
 
   @nn.compact
@@ -95,3 +99,26 @@ class Fire(nn.Module):
     threshold = jnp.abs(l_mult.astype(jnp.float32) * self.init_threshold)
     pos32_BL = pos_BL.astype(jnp.float32)
     return FireBias(c, threshold, w1, b1, w2, b2, pos32_BL, pos32_BL)
+
+
+@dataclasses.dataclass(frozen=True)
+class FireParams(P.Params):
+  """FIRE MLP width and the initial values of its learned scalars c and L."""
+  fire_hidden: int = 32               # width of the MLP
+  fire_init_c: float = 0.1            # initial c of psi(x) = log(|c x| + 1)
+  fire_init_threshold: float = 512.0  # initial threshold L of the normaliser psi(max(i, L))
+
+  def __post_init__(self):
+    P.positive("fire_hidden", self.fire_hidden)
+    P.positive("fire_init_c", self.fire_init_c)
+    P.positive("fire_init_threshold", self.fire_init_threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class FireRelative(Relative):
+  params_cls = FireParams
+  bias_kind = FireBias.kernel_kind
+
+  def bias(self, p, pos_BL, n_heads: int, param_dtype: str):
+    return Fire(n_heads, p.fire_hidden, p.fire_init_c, p.fire_init_threshold,
+                param_dtype, name="fire")(pos_BL)

@@ -6,8 +6,15 @@ document, or its segment index for bilevel kinds) takes the p-th smallest
 element. Order is kept, distances are stretched at random, so the model sees
 large positions during training. At evaluation positions are plain.
 """
+from __future__ import annotations
+
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+
+from bipe_jax.encodings import params as P
+from bipe_jax.encodings.rope import RopeParams, RopeRelative
 
 
 def sorted_subset(key, batch: int, length: int, max_random_position: int):
@@ -26,3 +33,29 @@ def randomize_positions(key, pos_BL, max_random_position: int):
   subset_BL = sorted_subset(key, b, length, max_random_position)
   idx_BL = jnp.clip(pos_BL, 0, length - 1)
   return jnp.take_along_axis(subset_BL, idx_BL, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomizedRopeParams(RopeParams):
+  """RoPE on a sorted random subset of [0, max_random_position) while training;
+  must be >= data.seq_len."""
+  max_random_position: int = 8192
+
+  def __post_init__(self):
+    super().__post_init__()
+    P.positive("max_random_position", self.max_random_position)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomizedRopeRelative(RopeRelative):
+  """RoPE on randomized positions while training, plain ones at evaluation."""
+  params_cls = RandomizedRopeParams
+  randomized = True
+
+  def positions(self, p, pos_BL, train: bool, key):
+    return randomize_positions(key, pos_BL, p.max_random_position) if train else pos_BL
+
+  def check(self, p, cfg) -> None:
+    if p.max_random_position < cfg.max_positions:
+      raise ValueError(f"pe.max_random_position={p.max_random_position} must be "
+                       f">= data.seq_len={cfg.max_positions}")

@@ -1,54 +1,54 @@
-"""The table of encodings: `pe.kind` -> a small frozen description.
+"""The table of encodings: `pe.kind` -> what the kind is made of.
 
-Base kinds are written out once; the bilevel (`bipe_*`) version of every
-relative kind is derived from it by `_bilevel`, never written by hand.
+Base kinds are written out once, one line each; the bilevel (`bipe_*`) version
+of every relative kind is derived from it by `_bilevel`, never written by hand.
 """
 from __future__ import annotations
 
 import dataclasses
 
 from bipe_jax import attention
+from bipe_jax.encodings import absolute, alibi, fire, randomized, rope, xpos
 from bipe_jax.encodings import params as P
+from bipe_jax.encodings.kind import InputTerm, Relative
 
 
 @dataclasses.dataclass(frozen=True)
 class Encoding:
-  """What one `pe.kind` contributes to the model.
+  """What one `pe.kind` contributes to the model (see encodings.kind).
 
-  input_term: None | "learned" | "sinusoidal" (absolute, on flat positions) |
-    "intra" (bilevel: table over intra ids, learned or sinusoidal per pe.intra).
-  rotary: None | "rope" | "xpos" (q/k transform).
-  bias: None | "alibi" | "fire" (additive per-head score bias from positions).
-  randomized: rotary/bias positions are a sorted random subset while training.
-  position: which per-token position feeds rotary/bias: "flat" (the batch's
-    `positions`, restarting per document) or "inter" (segment index).
-  params_cls: the typed parameter class of this kind (see encodings.params).
-  default_alibi_multiplier: slope multiplier when pe.alibi_multiplier is 0.
+  input_term: the absolute term added to the token embedding, or None.
+  relative: the part acting in attention (q/k transform, bias), or None.
+  bilevel: `relative` reads the segment index `inter` instead of the flat
+    position, and `input_term` is the intra-segment table.
   """
   name: str
   short: str
   description: str
   paper: str
-  params_cls: type = P.Params
-  input_term: str | None = None
-  rotary: str | None = None
-  bias: str | None = None
-  randomized: bool = False
-  position: str = "flat"
-  default_alibi_multiplier: float = 1.0
+  input_term: InputTerm | None = None
+  relative: Relative | None = None
+  bilevel: bool = False
 
   @property
-  def bilevel(self) -> bool:
-    return self.position == "inter"
+  def params_cls(self) -> type:
+    """The typed parameter class of this kind's position part."""
+    part = self.relative or self.input_term
+    return part.params_cls if part else P.Params
 
   @property
-  def relative(self) -> bool:
-    return self.rotary is not None or self.bias is not None
+  def rotary(self) -> bool:
+    return self.relative is not None and self.relative.rotary
+
+  @property
+  def randomized(self) -> bool:
+    """Rotary/bias positions are a sorted random subset while training."""
+    return self.relative is not None and self.relative.randomized
 
   @property
   def bias_kind(self) -> str:
     """What attention kernels see of this kind's bias: "none", "alibi" or "other"."""
-    return "none" if self.bias is None else ("alibi" if self.bias == "alibi" else "other")
+    return "none" if self.relative is None else self.relative.bias_kind
 
   def check_attention(self, impl: str, backend: str | None = None) -> None:
     """Raises ValueError unless attention.impl `impl` can run this kind on `backend`."""
@@ -58,20 +58,19 @@ class Encoding:
     """Typed parameters of the position part, read from `obj` (a ModelConfig)."""
     return self.params_cls.from_fields(obj).with_defaults(self)
 
+  def intra_params(self, obj) -> absolute.IntraParams | None:
+    """Typed parameters of the intra table (bilevel kinds), else None."""
+    return absolute.IntraParams.from_fields(obj) if self.bilevel else None
+
   def check(self, cfg) -> None:
     """Raises ValueError, naming the key, unless `cfg` (a ModelConfig) can run this kind."""
     if self.rotary and cfg.head_dim % 2:
       raise ValueError(f"pe.kind={self.name!r} rotates pairs of dims: head dim "
                        f"{cfg.head_dim} must be even")
     p = self.params(cfg)
-    P.IntraParams.from_fields(cfg)  # pe.intra and pe.max_intra are checked for every kind
-    if self.randomized and p.max_random_position < cfg.max_positions:
-      raise ValueError(f"pe.max_random_position={p.max_random_position} must be "
-                       f">= data.seq_len={cfg.max_positions}")
-
-  def intra_params(self, obj) -> P.IntraParams | None:
-    """Typed parameters of the intra table (bilevel kinds), else None."""
-    return P.IntraParams.from_fields(obj) if self.input_term == "intra" else None
+    absolute.IntraParams.from_fields(cfg)  # pe.intra and pe.max_intra are checked for every kind
+    if self.relative is not None:
+      self.relative.check(p, cfg)
 
 
 _BASE = (
@@ -80,34 +79,31 @@ _BASE = (
              "Length Generalization in Transformers"),
     Encoding("learned", "learned APE", "learned absolute position table added "
              "to the token embedding", "Vaswani et al. 2017; Radford et al. 2019 (GPT-2)",
-             P.LearnedParams, input_term="learned"),
+             input_term=absolute.Learned()),
     Encoding("sinusoidal", "Sinusoidal APE", "fixed sin/cos of the position "
              "added to the token embedding", "Vaswani et al. 2017, Attention Is "
-             "All You Need", P.SinusoidalParams, input_term="sinusoidal"),
+             "All You Need", input_term=absolute.Sinusoidal()),
     Encoding("rope", "RoPE", "q/k rotated by position (rotate-half layout)",
-             "Su et al. 2021, RoFormer", P.RopeParams, rotary="rope"),
+             "Su et al. 2021, RoFormer", relative=rope.RopeRelative()),
     Encoding("xpos", "xPos", "RoPE with an exponential per-frequency decay of "
              "the score with distance", "Sun et al. 2022, A Length-"
-             "Extrapolatable Transformer", P.XposParams, rotary="xpos"),
+             "Extrapolatable Transformer", relative=xpos.XposRelative()),
     Encoding("randomized_rope", "Randomized RoPE", "RoPE on a sorted random "
              "subset of [0, max_random_position) while training, plain "
              "positions at evaluation", "Ruoss et al. 2023, Randomized "
              "Positional Encodings Boost Length Generalization of Transformers",
-             P.RandomizedRopeParams, rotary="rope", randomized=True),
+             relative=randomized.RandomizedRopeRelative()),
     Encoding("alibi", "ALiBi", "per-head linear distance penalty -m_h (i - j) "
              "on the scores", "Press et al. 2022, Train Short, Test Long",
-             P.AlibiParams, bias="alibi"),
+             relative=alibi.AlibiRelative()),
     Encoding("fire", "FIRE", "learned MLP of the log-transformed, progressively "
              "normalised distance, added to the scores", "Li et al. 2023, "
              "Functional Interpolation for Relative Positions Improves Long "
-             "Context Transformers", P.FireParams, bias="fire"),
+             "Context Transformers", relative=fire.FireRelative()),
 )
 
 BIPE_PAPER = ("He et al. 2024, Two Stones Hit One Bird: Bilevel Positional "
               "Encoding for Better Length Extrapolation")
-# The release multiplies bilevel ALiBi slopes by 96: segment distances are an
-# order of magnitude smaller than token distances.
-_BILEVEL_ALIBI_MULTIPLIER = 96.0
 
 
 def _bilevel(base: Encoding) -> Encoding:
@@ -118,12 +114,10 @@ def _bilevel(base: Encoding) -> Encoding:
       # The paper's own two are BiPE-RoPE and BiPE-ALiBi; the rest apply its recipe.
       paper=(BIPE_PAPER if base.name in ("rope", "alibi") else
              f"BiPE recipe (He et al. 2024) on {base.paper.split(',')[0]}"),
-      input_term="intra", position="inter",
-      default_alibi_multiplier=(_BILEVEL_ALIBI_MULTIPLIER if base.bias == "alibi"
-                                else base.default_alibi_multiplier))
+      input_term=absolute.Intra(), bilevel=True)
 
 
-_ALL = _BASE + tuple(_bilevel(e) for e in _BASE if e.relative)
+_ALL = _BASE + tuple(_bilevel(e) for e in _BASE if e.relative is not None)
 
 KINDS: dict[str, Encoding] = {e.name: e for e in _ALL}
 DEFAULT_KIND = "bipe_rope"
@@ -132,10 +126,10 @@ DEFAULT_KIND = "bipe_rope"
 def _pe_defaults() -> dict:
   """{pe.* key: default} over the typed parameters of every kind and the intra table."""
   out = {}
-  for cls in (P.IntraParams, *(e.params_cls for e in _ALL)):
+  for cls in (absolute.IntraParams, *(e.params_cls for e in _ALL)):
     for key, default in cls.pe_defaults().items():
       if out.setdefault(key, default) != default:
-        raise AssertionError(f"pe.{key} has two defaults: {out[key]!r} and {default!r}")
+        raise TypeError(f"pe.{key} has two defaults: {out[key]!r} and {default!r}")
   return out
 
 

@@ -9,9 +9,14 @@ only, applied here in the rotate-half layout (pair (i, i + D/2) <-> frequency i)
 the score and keeps zeta^(+-pos/scale_base) inside float32 range for long
 inputs (torchscale centres the same way).
 """
+from __future__ import annotations
+
+import dataclasses
+
 import jax.numpy as jnp
 
-from bipe_jax.encodings.rope import rope_angles, rotate
+from bipe_jax.encodings import params as P
+from bipe_jax.encodings.rope import RopeParams, RopeRelative, rope_angles, rotate
 
 
 def xpos_zeta(head_dim: int):
@@ -19,8 +24,8 @@ def xpos_zeta(head_dim: int):
   return (jnp.arange(0, head_dim, 2, dtype=jnp.float32) + 0.4 * head_dim) / (1.4 * head_dim)
 
 
-def apply_xpos(x_BLHD, pos_BL, *, key: bool, base: float = 10000.0,
-               scale_base: float = 512.0, center: float = 0.0):
+def apply_xpos(x_BLHD, pos_BL, *, key: bool, base: float, scale_base: float,
+               center: float = 0.0):
   """Rotates like RoPE and scales by zeta^(+-(pos - center)/scale_base).
 
   x [B, L, H, D]; pos [B, L] ints; key=False for queries (scale up),
@@ -31,3 +36,23 @@ def apply_xpos(x_BLHD, pos_BL, *, key: bool, base: float = 10000.0,
   power_BL1 = (rel_BL / scale_base)[..., None]
   scale_BLF = xpos_zeta(d) ** (-power_BL1 if key else power_BL1)
   return rotate(x_BLHD, rope_angles(pos_BL, d, base), scale_BLF)
+
+
+@dataclasses.dataclass(frozen=True)
+class XposParams(RopeParams):
+  """RoPE plus the per-frequency exponential decay zeta^((i-j)/xpos_scale_base)."""
+  xpos_scale_base: float = 512.0      # the score decays by zeta^(distance / this)
+
+  def __post_init__(self):
+    super().__post_init__()
+    P.positive("xpos_scale_base", self.xpos_scale_base)
+
+
+@dataclasses.dataclass(frozen=True)
+class XposRelative(RopeRelative):
+  params_cls = XposParams
+
+  def rotate(self, p, q_BLHD, k_BLKD, pos_BL):
+    kw = dict(base=p.rope_base, scale_base=p.xpos_scale_base, center=q_BLHD.shape[1] // 2)
+    return (apply_xpos(q_BLHD, pos_BL, key=False, **kw),
+            apply_xpos(k_BLKD, pos_BL, key=True, **kw))

@@ -171,7 +171,7 @@ def params_from_tensors(tensors: dict, m: ModelConfig) -> dict:
 
   d, h, kv, dh = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim
   params = {"embed": take("model.embed_tokens.weight")}
-  if m.encoding.input_term == "intra":
+  if m.encoding.bilevel:
     table = take("model.embeds.0.weight")
     if table.shape != (m.max_intra, d):
       raise ReleaseError(f"model.embeds.0.weight is {table.shape}; expected "
