@@ -59,21 +59,40 @@ def restore_params(config, workdir: str, vocab_size: int, step: int | None = Non
 
 def perplexities(trainer: Trainer, params, config, corpus, lengths, max_tokens: int,
                  batch_tokens: int, log=print) -> list[dict]:
-  """[{length, ppl, nll, tokens, seconds}] for each evaluation length."""
-  eval_fn = trainer.eval_step
+  """[{length, ppl, nll, tokens, unigram_ppl, seconds}] for each evaluation length.
+
+  `tokens` counts the targets scored (loss mask 1); `unigram_ppl` is the
+  unigram perplexity of exactly those targets.
+  """
   rows = []
   for length in lengths:
     t0 = time.time()
-    total, count = 0.0, 0.0
-    for batch in pipeline.eval_batches(config, corpus, length, max_tokens, batch_tokens):
-      s, c = eval_fn(params, batch)
+    total, count, scored = 0.0, 0.0, []
+    for batch in full_batches(config, corpus, length, max_tokens, batch_tokens):
+      s, c = trainer.eval_step(params, batch)
       total, count = total + float(s), count + float(c)
+      scored.append(batch["targets"][batch["loss_mask"] > 0])
     nll = total / max(count, 1.0)
     rows.append(dict(length=int(length), ppl=math.exp(nll), nll=nll, tokens=int(count),
+                     unigram_ppl=pipeline.unigram_perplexity(np.concatenate(scored)),
                      seconds=time.time() - t0))
     log(f"  length {length:>6}: ppl {rows[-1]['ppl']:10.3f}  ({int(count):,} tokens, "
         f"{rows[-1]['seconds']:.1f}s)")
   return rows
+
+
+def full_batches(config, corpus, length: int, max_tokens: int, batch_tokens: int):
+  """pipeline.eval_batches with the last, smaller batch padded to the rows of the
+  first with masked rows (loss mask 0, so they add nothing): one batch shape per
+  length, so the evaluation step compiles once per length."""
+  rows = None
+  for batch in pipeline.eval_batches(config, corpus, length, max_tokens, batch_tokens):
+    rows = rows or len(batch["tokens"])
+    pad = rows - len(batch["tokens"])
+    if pad:
+      batch = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)])
+               for k, v in batch.items()}
+    yield batch
 
 
 def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | None = None,
@@ -113,7 +132,8 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
         f"trained at {train_len} tokens)", flush=True)
   rows = perplexities(trainer, params, config, corpus, lengths,
                       config.eval.max_tokens, config.eval.batch_tokens)
-  unigram = pipeline.unigram_perplexity(_heldout_targets(corpus, min(lengths), config.eval.max_tokens))
+  # The baseline scores the same targets as the model at the shortest length.
+  unigram = min(rows, key=lambda r: r["length"])["unigram_ppl"]
   result = dict(workdir=os.path.abspath(workdir), step=step, pe_kind=config.pe.kind,
                 train_length=train_len, unigram_ppl=unigram, results=rows)
   print(format_table(result))
@@ -131,14 +151,6 @@ def _mesh_fits(config) -> bool:
   except ValueError:
     return False
   return True
-
-
-def _heldout_targets(corpus, length: int, max_tokens: int) -> np.ndarray:
-  """The target tokens the shortest evaluation length scores (for the unigram baseline)."""
-  n_blocks = (len(corpus.heldout_tokens) - 1) // length
-  if max_tokens:
-    n_blocks = max(1, min(n_blocks, max_tokens // length))
-  return corpus.heldout_tokens[1: n_blocks * length + 1]
 
 
 def format_table(result: dict) -> str:

@@ -79,7 +79,7 @@ def train(config, workdir: str) -> dict:
 
   writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
   key = jax.random.key(config.seed + 1)
-  log = _Progress(t, config.data.seq_len, start, writer)
+  log = _Progress(t, start, writer)
   result = {"losses": log.losses, "step": start, "skipped": log.skipped, "stopped_by": None}
   pending = None
   try:
@@ -119,19 +119,24 @@ def train(config, workdir: str) -> dict:
 
 
 class _Progress:
-  """Records per-step losses, checks finiteness, prints and logs progress lines."""
+  """Records per-step losses, checks finiteness, prints and logs progress lines.
 
-  def __init__(self, t, seq_len: int, start: int, writer):
+  tok/s counts the tokens that carry a loss (loss mask 1) in the global batch:
+  padding and masked targets are not counted.
+  """
+
+  def __init__(self, t, start: int, writer):
     self.t, self.start, self.writer = t, start, writer
-    self.tokens_per_step = t.batch_size * seq_len
+    self.tokens = self.tokens_at_last = 0.0   # loss-mask tokens of this run's steps
     self.losses, self.skipped = {}, []
     self.t0 = self.t_last = time.time()
-    self.last_step, self.first = start, True
+    self.first = True
 
   def record(self, step: int, m: dict, ckpt) -> None:
     if step in self.losses:
       return
     self.losses[step] = float(m["loss"])
+    self.tokens += float(m["tokens"])
     self.grad_norm = float(m["grad_norm"])
     if bool(m["finite"]):
       return
@@ -148,16 +153,17 @@ class _Progress:
 
   def print_line(self, step: int) -> None:
     now = time.time()
-    rate = (step - self.last_step) * self.tokens_per_step / max(now - self.t_last, 1e-9)
+    rate = (self.tokens - self.tokens_at_last) / max(now - self.t_last, 1e-9)
     eta = (now - self.t0) / max(step - self.start, 1) * (self.t.steps - step)
-    loss, lr = self.losses[step], float(lr_schedule(self.t)(step))
+    # optax counts updates from 0: step `step` was update number step - 1.
+    loss, lr = self.losses[step], float(lr_schedule(self.t)(step - 1))
     print(f"step {step}/{self.t.steps} | loss {loss:.4f} | {rate:,.0f} tok/s | lr {lr:.2e} "
           f"| elapsed {metrics.format_duration(now - self.t0)} | eta {metrics.format_duration(eta)}"
           + (" (includes compilation)" if self.first else ""), flush=True)
     self.writer.write(step, {"train/loss": loss, "train/tokens_per_s": rate, "train/lr": lr,
                              "train/grad_norm": self.grad_norm,
                              "train/skipped_updates": len(self.skipped)})
-    self.first, self.t_last, self.last_step = False, now, step
+    self.first, self.t_last, self.tokens_at_last = False, now, self.tokens
 
 
 def _prepare_workdir(workdir: str) -> None:

@@ -282,26 +282,6 @@ def test_get_keeps_the_model_call_working(impl, blocks):
     dispatch.get(impl, block_z=4)
 
 
-def test_model_logits_same_with_chunked_and_reference():
-  from bipe_jax.model import Decoder, ModelConfig
-  import flax.linen as nn
-  rng = np.random.default_rng(0)
-  l = 40
-  batch = dict(tokens=rng.integers(0, 50, (2, l)).astype(np.int32),
-               intra=np.tile(np.arange(l) % 7, (2, 1)).astype(np.int32),
-               inter=np.tile(np.arange(l) // 7, (2, 1)).astype(np.int32),
-               positions=np.tile(np.arange(l), (2, 1)).astype(np.int32),
-               doc_ids=np.repeat(np.arange(2)[None], l // 2, 1).reshape(1, l).repeat(2, 0))
-  outs = {}
-  for impl in ("reference", "chunked"):
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                      pe_kind="bipe_alibi", max_intra=8, attention_impl=impl)
-    model = Decoder(cfg)
-    params = nn.unbox(model.init(jax.random.key(0), batch))
-    outs[impl] = model.apply(params, batch)
-  np.testing.assert_allclose(outs["chunked"], outs["reference"], atol=1e-4)
-
-
 # --- shard_map on 8 fake devices (subprocess: XLA flags must precede jax import) ---------------
 
 _SHARDED = textwrap.dedent("""
@@ -326,10 +306,13 @@ _SHARDED = textwrap.dedent("""
     errs[impl + "/" + bias] = [float(jnp.abs(got - want).max())] + [
         float(jnp.abs(a - b).max()) for a, b in zip(g_got, g_want)] + ["shard_map" in text or
         "sdy.manual_computation" in text]
-  # Explicit mesh argument, batch 2 (does not divide data x fsdp = 4: falls back to data only).
+  # Explicit mesh argument and no mesh in context; batch 2 does not divide
+  # data x fsdp = 4, so rows split over data only.
   args, kw = make_case(b=2, t=16, bias="alibi")
-  got = jax.jit(lambda *a: dispatch.get("chunked", mesh=mesh)(*a, **kw))(*args)
-  errs["explicit/b2"] = [float(jnp.abs(got - reference.attention(*args, **kw)).max()), True]
+  explicit = jax.jit(lambda *a: dispatch.get("chunked", mesh=mesh)(*a, **kw))
+  text = explicit.lower(*args).as_text()
+  errs["explicit/b2"] = [float(jnp.abs(explicit(*args) - reference.attention(*args, **kw)).max()),
+                         "shard_map" in text or "sdy.manual_computation" in text]
   print(json.dumps(errs))
 """)
 

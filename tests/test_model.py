@@ -10,6 +10,7 @@ import pytest
 
 from bipe_jax import encodings, positions
 from bipe_jax.attention import PositionBias
+from bipe_jax.data import pipeline
 from bipe_jax.encodings import registry
 from bipe_jax.encodings.absolute import Intra, Learned
 from bipe_jax.encodings.fire import FireRelative
@@ -27,24 +28,21 @@ def _cfg(kind, **kw):
   return ModelConfig(**{**base, **kw})
 
 
-def _batch(tokens, is_sep, doc_ids):
-  tokens = np.asarray(tokens, np.int32)
-  doc_ids = np.asarray(doc_ids, np.int32)
-  intra, inter = positions.bilevel_ids(tokens, is_sep, max_intra=4, doc_ids=doc_ids)
-  return dict(tokens=tokens, intra=intra, inter=inter, doc_ids=doc_ids,
-              positions=positions.flat_positions(doc_ids),
-              targets=np.roll(tokens, -1, axis=1), loss_mask=np.ones(tokens.shape, np.float32))
+def _batch(rows, is_sep, doc_ids):
+  """The pipeline's batch of rows [B, L+1]: inputs rows[:, :-1], targets rows[:, 1:]
+  (masked where the target starts another document)."""
+  return pipeline.make_batch(np.asarray(rows), is_sep, 4, doc_ids=np.asarray(doc_ids))
 
 
 def _distinct_tokens():
   """Two rows, every token id used once, separators at a few positions, two
   documents in row 1: the embedding row of a token is the input at its position."""
-  tokens = np.arange(2 * L).reshape(2, L) + 3
+  rows = np.arange(2 * (L + 1)).reshape(2, L + 1) + 3
   is_sep = np.zeros(V, bool)
-  is_sep[tokens[0, [2, 3, 7, 12]]] = True
-  is_sep[tokens[1, [4, 9, 10]]] = True
-  doc_ids = np.array([[0] * L, [0] * 6 + [1] * (L - 6)])
-  return _batch(tokens, is_sep, doc_ids)
+  is_sep[rows[0, [2, 3, 7, 12]]] = True
+  is_sep[rows[1, [4, 9, 10]]] = True
+  doc_ids = np.array([[0] * (L + 1), [0] * 6 + [1] * (L + 1 - 6)])
+  return _batch(rows, is_sep, doc_ids)
 
 
 def _apply(model, params, batch, train):
@@ -87,12 +85,12 @@ def test_later_tokens_and_separators_do_not_change_earlier_logits(kind):
   rng = np.random.default_rng(0)
   is_sep = np.zeros(V, bool)
   is_sep[[1, 2]] = True
-  tokens = rng.integers(3, V, (2, L))
+  tokens = rng.integers(3, V, (2, L + 1))
   tokens[:, [3, 6]] = 1
-  doc_ids = np.zeros((2, L), np.int32)
+  doc_ids = np.zeros((2, L + 1), np.int32)
   t = 8
   edited = tokens.copy()
-  edited[:, t + 1:] = rng.integers(1, V, (2, L - t - 1))
+  edited[:, t + 1:] = rng.integers(1, V, (2, L - t))
   edited[:, t + 1::2] = 2
   model = Decoder(_cfg(kind))
   a, b = _batch(tokens, is_sep, doc_ids), _batch(edited, is_sep, doc_ids)
@@ -105,16 +103,17 @@ def test_later_tokens_and_separators_do_not_change_earlier_logits(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_one_sgd_step_lowers_the_loss(kind):
+def test_position_parameters_get_gradients(kind):
+  """The loss reaches every learned position parameter (that the loss falls is
+  test_kinds_train's)."""
   model = Decoder(_cfg(kind))
   rng = np.random.default_rng(1)
   is_sep = np.zeros(V, bool)
   is_sep[[1, 2]] = True
-  tokens = rng.integers(1, 12, (2, L))
-  batch = _batch(tokens, is_sep, np.zeros((2, L)))
+  batch = _batch(rng.integers(1, 12, (2, L + 1)), is_sep, np.zeros((2, L + 1)))
   params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
   loss = lambda p: loss_fn(_apply(model, p, batch, True), batch["targets"], batch["loss_mask"])[0]
-  l0, grads = jax.value_and_grad(loss)(params)
+  grads = jax.grad(loss)(params)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   enc = encodings.get(kind)
   if isinstance(enc.input_term, (Learned, Intra)):
@@ -122,8 +121,6 @@ def test_one_sgd_step_lowers_the_loss(kind):
   if isinstance(enc.relative, FireRelative):
     fire = grads["layer_0"]["attn"]["pe"]["fire"]
     assert all(np.abs(g).sum() > 0 for g in jax.tree.leaves(fire)), f"{kind}: FIRE untrained"
-  stepped = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
-  assert loss(stepped) < l0
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -142,7 +139,8 @@ def test_chunked_attention_equals_reference(kind, monkeypatch):
   rng = np.random.default_rng(2)
   is_sep = np.zeros(V, bool)
   is_sep[[1, 2]] = True
-  batch = _batch(rng.integers(1, 12, (2, L)), is_sep, np.array([[0] * L, [0] * 5 + [1] * (L - 5)]))
+  batch = _batch(rng.integers(1, 12, (2, L + 1)), is_sep,
+                 np.array([[0] * (L + 1), [0] * 5 + [1] * (L + 1 - 5)]))
   out = {}
   for impl in ("reference", "chunked"):
     model = Decoder(_cfg(kind, attention_impl=impl, n_heads=4, n_kv_heads=2,
