@@ -3,7 +3,7 @@
     python -m bipe_jax.convert --hf_checkpoint=DIR --workdir=OUT
 
 Writes a work dir like bipe-train's: OUT/config.json (the experiment config
-reproducing the release), OUT/model.json and OUT/checkpoints/0 holding a train
+reproducing the release) and OUT/checkpoints/0 holding a train
 state (imported params, fresh optimizer state), so `bipe-eval --workdir=OUT`
 evaluates it and `bipe-train --workdir=OUT` continues training it.
 """
@@ -31,7 +31,6 @@ def convert(hf_checkpoint: str, workdir: str) -> str:
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(imported.config.to_json(indent=1))
   trainer = Trainer(imported.config, imported.model_cfg.vocab_size)
-  checkpoint.check_model(workdir, trainer.model_cfg)
   params = jax.device_put(imported.params, trainer.param_sharding)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=trainer.tx.init(params))

@@ -48,7 +48,6 @@ def restore_params(config, workdir: str, vocab_size: int, step: int | None = Non
                    mesh=None):
   """(trainer, state) with the state restored onto `mesh` (default: config.mesh)."""
   trainer = Trainer(config, vocab_size, mesh)
-  checkpoint.check_model(workdir, trainer.model_cfg, write=False)
   ckpt = checkpoint.Checkpointer(workdir)
   try:
     _, state, _ = ckpt.restore(step, trainer.abstract_state(), with_data=False)

@@ -8,7 +8,6 @@ Starting again with the same --workdir resumes from its latest checkpoint.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 
@@ -16,7 +15,7 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from bipe_jax import checkpoint, metrics, sharding
+from bipe_jax import checkpoint, metrics, sharding, stopping
 from bipe_jax import config as config_lib
 from bipe_jax.data import pipeline
 from bipe_jax.trainer import Trainer, lr_schedule
@@ -24,24 +23,6 @@ from bipe_jax.trainer import Trainer, lr_schedule
 
 class Diverged(RuntimeError):
   """A non-finite loss, gradient or update with train.on_nonfinite = "stop"."""
-
-
-class _SignalFlag:
-  """Turns SIGTERM (preemption, scancel, kill) into a request to checkpoint and stop."""
-
-  def __init__(self):
-    self.received = None
-    self._old = None
-
-  def __enter__(self):
-    self._old = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.received = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._old)
 
 
 def train(config, workdir: str) -> dict:
@@ -56,13 +37,10 @@ def train(config, workdir: str) -> dict:
   with sharding.process_zero_first("bipe_jax: work dir ready"):
     corpus = pipeline.prepare(config, workdir)
     trainer = Trainer(config, corpus.vocab_size)
-    checkpoint.check_model(workdir, trainer.model_cfg, write=lead)
-    if lead:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=1))
 
   t = config.train
-  ckpt = checkpoint.Checkpointer(workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(workdir, every=t.checkpoint_every, keep=t.keep_checkpoints,
+                                 clean_tmp=True)
   # Each process reads only the rows of the global batch its devices hold.
   data_iter = pipeline.train_iterator(config, corpus, **trainer.data_shard())
   if ckpt.latest_step() is not None:
@@ -73,17 +51,21 @@ def train(config, workdir: str) -> dict:
   else:
     state = trainer.init(jax.random.key(config.seed))
     start = 0
+  if lead:  # only once the checkpoints are known to fit it: bipe-eval reads it
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=1))
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f"model: {n_params / 1e6:.2f}M parameters, pe.kind={config.pe.kind}, "
         f"seq_len={config.data.seq_len}, batch={t.batch_size}", flush=True)
 
-  writer = metrics.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = metrics.MetricWriter(workdir, start, enabled=lead)
   key = jax.random.key(config.seed + 1)
   log = _Progress(t, start, writer)
   result = {"losses": log.losses, "step": start, "skipped": log.skipped, "stopped_by": None}
   pending = None
-  try:
-    with _SignalFlag() as signals:
+  # Covers the final save too: a second Ctrl-C there aborts with a message.
+  with stopping.StopRequest() as stop_request:
+    try:
       for step in range(start + 1, t.steps + 1):
         batch = trainer.global_batch(next(data_iter))
         state, step_metrics = trainer.step(state, batch, key)
@@ -92,8 +74,8 @@ def train(config, workdir: str) -> dict:
           log.record(*pending, ckpt)
         pending = (step, step_metrics)
         result["step"] = step
-        stop = signals.received is not None
-        save = stop or step == t.steps or ckpt.should_save(step)
+        stop = stop_request.reached(step)
+        save = stop is not None or step == t.steps or ckpt.should_save(step)
         if save or step % t.log_every == 0:
           # ...except before a save (a non-finite state is never written) and
           # on log steps.
@@ -105,14 +87,15 @@ def train(config, workdir: str) -> dict:
           if step % t.log_every == 0 or step == t.steps or stop:
             log.print_line(step)
         if stop:
-          result["stopped_by"] = signals.received
-          print(f"received {signals.received}: saved a checkpoint at step {step}; "
-                "run the same command again to resume", flush=True)
+          result["stopped_by"] = stop
           break
-  finally:
-    ckpt.close()
-    writer.close()
-  if result["stopped_by"] is None:
+    finally:
+      ckpt.close()
+      writer.close()
+  if result["stopped_by"] is not None:
+    print(f"received {result['stopped_by']}: saved a checkpoint at step {result['step']}; "
+          "run the same command again to resume", flush=True)
+  else:
     print(f"training done at step {result['step']}; checkpoints in "
           f"{os.path.join(workdir, 'checkpoints')}", flush=True)
   return result

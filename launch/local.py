@@ -105,11 +105,12 @@ def main(argv=None) -> int:
           procs[j].kill()
         deadline = None
   except KeyboardInterrupt:
+    # Ctrl-C in a terminal reached the processes too; SIGTERM (not a second
+    # SIGINT, which aborts a save) also covers a SIGINT sent to the launcher only.
     for p in procs:
-      p.send_signal(signal.SIGINT)
-    status = 130
+      p.send_signal(signal.SIGTERM)
   for p in procs:
-    p.wait()
+    status = status or p.wait()
   for t in pumps:
     t.join(timeout=5)
   return status

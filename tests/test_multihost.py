@@ -7,12 +7,16 @@ in for two hosts.
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+from bipe_jax import checkpoint
 from tiny import REPO, cli_args, tiny_config
 
 STEPS = 4
@@ -108,8 +112,8 @@ def test_two_processes_resume_where_they_stopped(runs, tmp_path):
   out = _launch("bipe_jax.train", [*cli_args(c), f"--workdir={part}"])
   assert "[0] resuming from step 2" in out and "[1] resuming from step 2" in out
   steps, losses = _losses(part)
-  assert steps == [1, 2, 3, 4, 3, 4], "the resumed run appends steps 3 and 4"
-  np.testing.assert_allclose(losses[4:], _losses(full)[1][2:], rtol=1e-6)
+  assert steps == [1, 2, 3, 4], "the resumed run replaces the rows of steps 3 and 4"
+  np.testing.assert_allclose(losses[2:], _losses(full)[1][2:], rtol=1e-6)
 
 
 def test_launcher_stops_everyone_when_one_process_fails(tmp_path):
@@ -122,3 +126,40 @@ def test_launcher_stops_everyone_when_one_process_fails(tmp_path):
       capture_output=True, text=True, cwd=REPO, timeout=120, env=_env())
   assert proc.returncode == 2, proc.stdout[-3000:]
   assert "invalid pe.kind='nope'" in proc.stdout
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  # Started directly (not through the launcher) to signal one process only.
+  c = _config(str(tmp_path / "cache"))
+  c.train.steps = 100_000
+  c.train.checkpoint_every = 100_000   # the only checkpoint is the one the signal asks for
+  workdir = str(tmp_path / "w")
+  port = socket.socket()
+  port.bind(("127.0.0.1", 0))
+  address = f"127.0.0.1:{port.getsockname()[1]}"
+  port.close()
+  env = dict(_env(), PYTHONPATH=REPO)
+  procs = [subprocess.Popen([sys.executable, "-m", "bipe_jax.train", *cli_args(c),
+                             f"--workdir={workdir}", f"--coordinator_address={address}",
+                             "--num_processes=2", f"--process_id={i}"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    t0 = time.time()
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+      assert time.time() - t0 < 300 and all(p.poll() is None for p in procs), "no training steps"
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  stopped = []
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+    line = [l for l in out.splitlines() if l.startswith("received SIGTERM: saved a checkpoint")]
+    assert len(line) == 1, out[-4000:]
+    stopped.append(int(line[0].split("at step ")[1].split(";")[0]))
+  assert stopped[0] == stopped[1], f"processes stopped at different steps: {stopped}"
+  assert checkpoint.latest_step(workdir) == stopped[0]

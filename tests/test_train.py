@@ -163,7 +163,7 @@ def test_other_model_shape_in_workdir_fails(trained):
   workdir, _, _ = trained
   c = tiny_config()
   c.model.d_model = 128
-  with pytest.raises(checkpoint.CheckpointError, match="d_model: saved 64 vs configured 128"):
+  with pytest.raises(checkpoint.ShapeMismatch, match=r"params/embed: saved \(320, 64\) vs configured \(320, 128\)"):
     train.train(c, workdir)
 
 
