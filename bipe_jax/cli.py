@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import io
 import math
 import os
 import re
@@ -87,7 +88,8 @@ def _quiet_libraries() -> None:
   logging.use_absl_handler()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  sys.stdout.reconfigure(line_buffering=True)  # `| tee` shows each line at once.
+  if isinstance(sys.stdout, io.TextIOWrapper):  # Not when captured (tests).
+    sys.stdout.reconfigure(line_buffering=True)  # `| tee` shows each line at once.
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:

@@ -128,6 +128,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key, valid in CHOICES.items():
     if flat[key] not in valid:
       raise ConfigError(f"invalid {key}={flat[key]!r}; valid: {', '.join(valid)}")
+  _positive(flat, "model.d_model", "model.n_layers", "model.n_heads",
+            "model.n_kv_heads", "model.d_ff", "data.seq_len", "pe.max_intra",
+            "train.batch_size", "train.steps", "train.log_every",
+            "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_tokens",
+            "train.grad_accum_steps")
+  _in_range(flat)
   if config.pe.kind not in encodings.KINDS:
     raise ConfigError(f"invalid pe.kind={config.pe.kind!r}; valid: "
                       f"{', '.join(sorted(encodings.KINDS))}")
@@ -145,11 +151,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"pe.max_random_position={config.pe.max_random_position} must be "
                       f">= data.seq_len={config.data.seq_len}")
   m = config.model
-  _positive(flat, "model.d_model", "model.n_layers", "model.n_heads",
-            "model.n_kv_heads", "model.d_ff", "data.seq_len", "pe.max_intra",
-            "train.batch_size", "train.steps", "train.log_every",
-            "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_tokens",
-            "train.grad_accum_steps")
   for key in ("attention.block_q", "attention.block_k"):
     if flat[key] < 0:
       raise ConfigError(f"{key}={flat[key]} must be >= 0 (0 = the kernel's default)")
@@ -164,8 +165,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f"{m.d_model // m.n_heads} must be even")
   if not 0.0 <= config.data.heldout_fraction < 1.0:
     raise ConfigError(f"data.heldout_fraction={config.data.heldout_fraction} must be in [0, 1)")
-  if config.train.warmup_steps < 0 or config.train.lr <= 0:
-    raise ConfigError("train.lr must be > 0 and train.warmup_steps >= 0")
   lengths = tuple(config.eval.lengths)
   if not lengths or any(int(n) < 1 for n in lengths):
     raise ConfigError(f"eval.lengths={lengths} must be a non-empty list of positive ints")
@@ -195,6 +194,28 @@ def check_mesh(config, devices=None) -> None:
     split = " x ".join(f"{a}={sizes[a]}" for a in axes)
     raise ConfigError(f"{per} is not divisible by the {dp} data-parallel devices "
                       f"(mesh {split}); make the batch a multiple of {dp} or change mesh.shape")
+
+
+# Numeric keys with bounds: key -> (low, high, low allowed); 0 = "all" where allowed.
+_RANGES = {
+    "train.lr": (0, None, False), "model.init_std": (0, None, False),
+    "model.norm_eps": (0, None, False), "train.clip_norm": (0, None, False),
+    "train.poly_power": (0, None, False), "tokenizer.vocab_size": (0, None, False),
+    "tokenizer.sample_bytes": (0, None, False), "train.warmup_steps": (0, None, True),
+    "train.weight_decay": (0, None, True), "train.end_lr_factor": (0, None, True),
+    "data.max_documents": (0, None, True), "eval.max_tokens": (0, None, True),
+    "train.b1": (0, 1, True), "train.b2": (0, 1, True),
+}
+
+
+def _in_range(flat):
+  for k, (low, high, closed) in _RANGES.items():
+    v = flat[k]
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and
+          (v >= low if closed else v > low) and (high is None or v < high))
+    if not ok:
+      bound = f"{'>=' if closed else '>'} {low}" + (f" and < {high}" if high else "")
+      raise ConfigError(f"{k}={v!r} must be a number {bound}")
 
 
 def _positive(flat, *keys):

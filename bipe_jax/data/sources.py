@@ -73,6 +73,9 @@ def list_files(source: str) -> list[str]:
           "comma-separated list of existing files / globs of .txt, code, "
           ".jsonl(.gz) or .array_record files (recursive '**' allowed)")
     out.update(matches)
+  if not out:
+    raise ValueError(f"data.source {source!r} names no file; pass \"stdlib\" or a "
+                     "comma-separated list of files / globs")
   return sorted(out)
 
 
