@@ -83,11 +83,10 @@ def _program(argv) -> str:
 
 
 def _quiet_libraries() -> None:
-  # absl's app.run raises logging to INFO, where orbax and grain write
-  # thousands of lines around the progress lines; keep WARNING unless asked.
+  # Not absl's app.run: it raises an absent --verbosity to INFO, where orbax and
+  # grain write thousands of lines around the progress lines. absl's own
+  # default, WARNING, stays unless --verbosity is given.
   logging.use_absl_handler()
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
   if isinstance(sys.stdout, io.TextIOWrapper):  # Not when captured (tests).
     sys.stdout.reconfigure(line_buffering=True)  # `| tee` shows each line at once.
 
