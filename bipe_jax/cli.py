@@ -5,11 +5,13 @@
 - Libraries log at WARNING unless `--verbosity` is given (0: INFO, 1: DEBUG);
   progress lines are printed and reach a pipe (`| tee`) as they happen.
 - Bad input (a flag, a config value, a file) ends the program with one line
-  `error: ...` on stderr and exit status 2, before any compilation.
+  `error: ...` on stderr and exit status 2, before any compilation
+  (`--verbosity=1` adds the traceback).
 """
 from __future__ import annotations
 
 import ast
+import faulthandler
 import io
 import math
 import os
@@ -22,12 +24,11 @@ import ml_collections
 
 from bipe_jax import checkpoint
 from bipe_jax import config as config_lib
-from bipe_jax.interop import release
 
 EXIT_BAD_INPUT = 2
 # What bad input raises anywhere below an entry point (ValueError covers
 # ConfigError, ReleaseError and json.JSONDecodeError).
-BAD_INPUT = (ValueError, OSError, checkpoint.CheckpointError, release.ReleaseError)
+BAD_INPUT = (ValueError, OSError, checkpoint.CheckpointError)
 _OVERRIDE = re.compile(r"--config\.([^=]+)(=(.*))?$", re.S)
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 _defined = {}  # define_flags -> the flag names it defined
@@ -42,11 +43,11 @@ def fail(e: Exception | str) -> None:
 
 def run(main: Callable, define_flags: Callable, argv: Sequence[str] | None = None,
         errors: tuple = ()) -> None:
-  """Runs `main(args, overrides)` as a command-line program.
+  """Runs `main(overrides)` as a command-line program.
 
   Args:
-    main: called with the positional arguments left after the flags (program
-      name first) and the `--config.KEY=VALUE` overrides as [(KEY, VALUE text)].
+    main: called once the flags are parsed and checked, with the
+      `--config.KEY=VALUE` overrides as [(KEY, VALUE text)].
     define_flags: defines the program's absl flags (called once per process).
     argv: the command line (default sys.argv).
     errors: exception types besides BAD_INPUT that end the program with exit 2.
@@ -71,9 +72,10 @@ def run(main: Callable, define_flags: Callable, argv: Sequence[str] | None = Non
     for name in sorted(_defined[define_flags]):
       if flags.FLAGS[name].present and flags.FLAGS[name].value in ("", []):
         raise config_lib.ConfigError(f"--{name} is empty: give it a value or leave it out")
-    _quiet_libraries()
-    main(rest, overrides)
+    _set_up_output()
+    main(overrides)
   except BAD_INPUT + tuple(errors) as e:
+    logging.debug("where the error was raised:", exc_info=True)  # --verbosity=1 shows it.
     fail(e)
 
 
@@ -82,11 +84,12 @@ def _program(argv) -> str:
   return f"python -m bipe_jax.{name[:-3]}" if name.endswith(".py") else name
 
 
-def _quiet_libraries() -> None:
+def _set_up_output() -> None:
   # Not absl's app.run: it raises an absent --verbosity to INFO, where orbax and
   # grain write thousands of lines around the progress lines. absl's own
   # default, WARNING, stays unless --verbosity is given.
   logging.use_absl_handler()
+  faulthandler.enable()  # A crash in native code still prints where Python was.
   if isinstance(sys.stdout, io.TextIOWrapper):  # Not when captured (tests).
     sys.stdout.reconfigure(line_buffering=True)  # `| tee` shows each line at once.
 

@@ -50,7 +50,7 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Output work dir for the orbax checkpoint.")
 
 
-def main(argv, overrides) -> None:  # pylint: disable=unused-argument
+def main(overrides) -> None:
   f = flags.FLAGS
   cli.required("--hf_checkpoint=RELEASE_DIR --workdir=OUT", hf_checkpoint=f.hf_checkpoint,
                workdir=f.workdir)

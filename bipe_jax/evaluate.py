@@ -194,7 +194,7 @@ def define_flags() -> None:
 _FLAG_KEYS = {"lengths": "eval.lengths", "source": "data.source", "mesh": "mesh.shape"}
 
 
-def main(argv, overrides) -> None:  # pylint: disable=unused-argument
+def main(overrides) -> None:
   f = flags.FLAGS
   cli.required("--workdir=runs/quickstart", workdir=f.workdir)
   if f.step is not None and f.step < 0:

@@ -176,7 +176,7 @@ def define_flags() -> None:
   sharding.define_flags()
 
 
-def main(argv, overrides) -> None:  # pylint: disable=unused-argument
+def main(overrides) -> None:
   f = flags.FLAGS
   cli.required("--config=configs/quickstart.py --workdir=runs/quickstart",
                config=f.config, workdir=f.workdir)
