@@ -1,10 +1,12 @@
 """Perplexity by evaluation length from a restored checkpoint.
 
     bipe-eval --workdir=runs/quickstart [--step=N] [--lengths=128,256,512,1024]
-        [--mesh=data=2,tensor=4]
+        [--mesh=data=2,tensor=4] [--config.eval.max_tokens=65536 ...]
 
-The checkpoint restores onto any mesh: --mesh, else the training mesh when it
-fits the devices here, else all devices along `data`.
+`--config.KEY=VALUE` changes the work dir's saved config for this evaluation;
+--lengths, --source and --mesh are short for eval.lengths, data.source and
+mesh.shape. The checkpoint restores onto any mesh: --mesh, else the training
+mesh when it fits the devices here, else all devices along `data`.
 
 Held-out documents are concatenated and cut into non-overlapping blocks of each
 length (remainder dropped), as in the paper. Prints a table; writes
