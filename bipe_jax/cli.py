@@ -89,9 +89,10 @@ def _set_up_output() -> None:
   # grain write thousands of lines around the progress lines. absl's own
   # default, WARNING, stays unless --verbosity is given.
   logging.use_absl_handler()
-  faulthandler.enable()  # A crash in native code still prints where Python was.
   if isinstance(sys.stdout, io.TextIOWrapper):  # Not when captured (tests).
     sys.stdout.reconfigure(line_buffering=True)  # `| tee` shows each line at once.
+  if isinstance(sys.stderr, io.TextIOWrapper):
+    faulthandler.enable()  # A crash in native code still prints where Python was.
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
