@@ -5,8 +5,8 @@ Every error names the key, the offending value and what would be valid.
 from __future__ import annotations
 
 import importlib.util
-import re
-import sys
+import json
+import os
 
 import ml_collections
 
@@ -50,6 +50,9 @@ def base_keys() -> set[str]:
 
 def load_file(path: str) -> ml_collections.ConfigDict:
   """Loads `get_config()` from a config file path (what --config= names)."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist; pass a file such as "
+                      "--config=configs/quickstart.py")
   spec = importlib.util.spec_from_file_location("_bipe_config", path)
   if spec is None:
     raise ConfigError(f"cannot load config file {path!r}: pass a .py file such "
@@ -57,22 +60,26 @@ def load_file(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
-  except FileNotFoundError:
-    raise ConfigError(f"config file {path!r} does not exist") from None
-  return module.get_config()
+    config = module.get_config()
+  except SyntaxError as e:
+    raise ConfigError(f"config file {path!r} line {e.lineno}: {e.msg}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    # The user's own Python: name the file, keep the original message.
+    raise ConfigError(f"config file {path!r} failed: {type(e).__name__}: {e}; it must "
+                      "define get_config() returning an ml_collections.ConfigDict") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config file {path!r}: get_config() returned "
+                      f"{type(config).__name__}, not an ml_collections.ConfigDict")
+  return config
 
 
-def check_overrides(argv: list[str]) -> None:
-  """Fails on `--config.KEY=...` for a KEY the base config does not declare.
-
-  Runs before absl parses flags so the user sees one clear line instead of a
-  traceback from ml_collections.
-  """
-  known = base_keys()
-  for arg in argv:
-    m = re.match(r"--config\.([\w.]+)(=|$)", arg)
-    if m and m.group(1) not in known:
-      raise ConfigError(_unknown(m.group(1), known))
+def read_json(path: str, fix: str):
+  """The JSON value in `path`; a damaged file fails naming the path and `fix`."""
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ConfigError(f"{path} is not valid JSON ({e}); {fix}") from None
 
 
 def from_saved(saved: dict, source: str = "config.json") -> tuple[ml_collections.ConfigDict, list]:
@@ -82,6 +89,9 @@ def from_saved(saved: dict, source: str = "config.json") -> tuple[ml_collections
   default, which reproduces the old behaviour); a key the current code does
   not know fails, naming it.
   """
+  if not isinstance(saved, dict):
+    raise ConfigError(f"{source} holds a JSON {type(saved).__name__}, not a config; "
+                      "--workdir must be a directory written by bipe-train")
   merged = base.get_config().to_dict()
   known = set(flat_keys(ml_collections.ConfigDict(merged)))
   saved_keys = set(flat_keys(ml_collections.ConfigDict(saved)))
@@ -101,7 +111,7 @@ def from_saved(saved: dict, source: str = "config.json") -> tuple[ml_collections
   return ml_collections.ConfigDict(merged), sorted(known - saved_keys)
 
 
-def _unknown(key: str, known: set[str]) -> str:
+def unknown_key(key: str, known: set[str]) -> str:
   section = key.rsplit(".", 1)[0] if "." in key else ""
   near = sorted(k for k in known if k.startswith(section + ".")) if section else []
   hint = f"; keys under {section!r}: {', '.join(near)}" if near else (
@@ -114,19 +124,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   known = base_keys()
   for key in flat_keys(config):
     if key not in known:
-      raise ConfigError(_unknown(key, known))
+      raise ConfigError(unknown_key(key, known))
   flat = flat_keys(config)
   for key, valid in CHOICES.items():
     if flat[key] not in valid:
       raise ConfigError(f"invalid {key}={flat[key]!r}; valid: {', '.join(valid)}")
-  if config.pe.kind not in encodings.KINDS:
-    raise ConfigError(f"invalid pe.kind={config.pe.kind!r}; valid: "
-                      f"{', '.join(sorted(encodings.KINDS))}")
   _positive(flat, "model.d_model", "model.n_layers", "model.n_heads",
             "model.n_kv_heads", "model.d_ff", "data.seq_len",
             "train.batch_size", "train.steps", "train.log_every",
             "train.checkpoint_every", "train.keep_checkpoints", "eval.batch_tokens",
             "train.grad_accum_steps")
+  _in_range(flat)
+  if config.pe.kind not in encodings.KINDS:
+    raise ConfigError(f"invalid pe.kind={config.pe.kind!r}; valid: "
+                      f"{', '.join(sorted(encodings.KINDS))}")
   for key in ("attention.block_q", "attention.block_k"):
     if flat[key] < 0:
       raise ConfigError(f"{key}={flat[key]} must be >= 0 (0 = the kernel's default)")
@@ -138,8 +149,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(str(e)) from None
   if not 0.0 <= config.data.heldout_fraction < 1.0:
     raise ConfigError(f"data.heldout_fraction={config.data.heldout_fraction} must be in [0, 1)")
-  if config.train.warmup_steps < 0 or config.train.lr <= 0:
-    raise ConfigError("train.lr must be > 0 and train.warmup_steps >= 0")
   lengths = tuple(config.eval.lengths)
   if not lengths or any(int(n) < 1 for n in lengths):
     raise ConfigError(f"eval.lengths={lengths} must be a non-empty list of positive ints")
@@ -171,13 +180,29 @@ def check_mesh(config, devices=None) -> None:
                       f"(mesh {split}); make the batch a multiple of {dp} or change mesh.shape")
 
 
+# Numeric keys with bounds: key -> (low, high, low allowed); 0 = "all" where allowed.
+_RANGES = {
+    "train.lr": (0, None, False), "model.init_std": (0, None, False),
+    "model.norm_eps": (0, None, False), "train.clip_norm": (0, None, False),
+    "train.poly_power": (0, None, False), "tokenizer.vocab_size": (0, None, False),
+    "tokenizer.sample_bytes": (0, None, False), "train.warmup_steps": (0, None, True),
+    "train.weight_decay": (0, None, True), "train.end_lr_factor": (0, None, True),
+    "data.max_documents": (0, None, True), "eval.max_tokens": (0, None, True),
+    "train.b1": (0, 1, True), "train.b2": (0, 1, True),
+}
+
+
+def _in_range(flat):
+  for k, (low, high, closed) in _RANGES.items():
+    v = flat[k]
+    ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and
+          (v >= low if closed else v > low) and (high is None or v < high))
+    if not ok:
+      bound = f"{'>=' if closed else '>'} {low}" + (f" and < {high}" if high else "")
+      raise ConfigError(f"{k}={v!r} must be a number {bound}")
+
+
 def _positive(flat, *keys):
   for k in keys:
     if not isinstance(flat[k], int) or flat[k] < 1:
       raise ConfigError(f"{k}={flat[k]!r} must be a positive integer")
-
-
-def fail(e: Exception) -> None:
-  """Prints a config error as one line and exits with status 2."""
-  print(f"error: {e}", file=sys.stderr)
-  sys.exit(2)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 
-from bipe_jax import checkpoint
+from bipe_jax import checkpoint, cli
+from bipe_jax import config as config_lib
 from bipe_jax.interop import release
 from bipe_jax.trainer import Trainer, TrainState
 
@@ -48,23 +49,21 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Output work dir for the orbax checkpoint.")
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(overrides) -> None:
   f = flags.FLAGS
-  if not f.hf_checkpoint or not f.workdir:
-    raise app.UsageError("--hf_checkpoint=DIR and --workdir=OUT are required")
-  try:
-    step_dir = convert(f.hf_checkpoint, f.workdir)
-  except (release.ReleaseError, OSError) as e:
-    raise app.UsageError(str(e)) from None
-  print(f"wrote {step_dir}")
+  cli.required("--hf_checkpoint=RELEASE_DIR --workdir=OUT", hf_checkpoint=f.hf_checkpoint,
+               workdir=f.workdir)
+  if overrides:
+    raise config_lib.ConfigError(
+        f"bipe-convert takes no --config.KEY=VALUE ({overrides[0][0]}): the release's "
+        "config.json fixes the model; change evaluation or training settings with "
+        "bipe-eval / bipe-train on the converted --workdir")
+  print(f"wrote {convert(f.hf_checkpoint, f.workdir)}")
 
 
-def run() -> None:
+def run(argv=None) -> None:
   """Console entry point `bipe-convert`."""
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Perplexity by evaluation length from a restored checkpoint.
 
     bipe-eval --workdir=runs/quickstart [--step=N] [--lengths=128,256,512,1024]
-        [--mesh=data=2,tensor=4]
+        [--mesh=data=2,tensor=4] [--config.eval.max_tokens=65536 ...]
 
-The checkpoint restores onto any mesh: --mesh, else the training mesh when it
-fits the devices here, else all devices along `data`.
+`--config.KEY=VALUE` changes the work dir's saved config for this evaluation;
+--lengths, --source and --mesh are short for eval.lengths, data.source and
+mesh.shape. The checkpoint restores onto any mesh: --mesh, else the training
+mesh when it fits the devices here, else all devices along `data`.
 
 Held-out documents are concatenated and cut into non-overlapping blocks of each
 length (remainder dropped), as in the paper. Prints a table; writes
@@ -16,15 +18,14 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import jax
 import ml_collections
 import numpy as np
 
-from bipe_jax import checkpoint, sharding
+from bipe_jax import checkpoint, cli, sharding
 from bipe_jax import config as config_lib
 from bipe_jax.data import pipeline
 from bipe_jax.interop import release
@@ -36,8 +37,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise checkpoint.CheckpointError(
         f"{path} not found: --workdir must be a directory written by bipe-train")
-  with open(path) as f:
-    config, defaulted = config_lib.from_saved(json.load(f), path)
+  saved = config_lib.read_json(path, "restore it from a copy, or rewrite it by starting "
+                               "bipe-train on this --workdir with the run's --config")
+  config, defaulted = config_lib.from_saved(saved, path)
   if defaulted:
     print(f"{path} predates {len(defaulted)} config keys; using their defaults: "
           f"{', '.join(defaulted)}")
@@ -95,14 +97,17 @@ def full_batches(config, corpus, length: int, max_tokens: int, batch_tokens: int
 
 
 def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | None = None,
-             hf_checkpoint: str | None = None, source: str | None = None) -> dict:
+             hf_checkpoint: str | None = None, source: str | None = None,
+             overrides=()) -> dict:
   """Perplexity table of a checkpoint in `workdir`, or of a release dir `hf_checkpoint`.
 
   `source` replaces config.data.source (its held-out split is scored); its
   tokenized cache goes to a directory of its own so the training cache stays.
+  `overrides`: [(KEY, VALUE text)] set on the config first (`--config.KEY=VALUE`).
   """
   imported = release.load(hf_checkpoint) if hf_checkpoint else None
   config = imported.config if imported else load_config(workdir)
+  cli.apply_overrides(config, overrides)
   if imported:
     os.makedirs(workdir, exist_ok=True)
   if source:
@@ -113,8 +118,10 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
     config.mesh.shape, config.mesh.dcn_shape = mesh, ""
   elif not _mesh_fits(config):
     config.mesh.shape, config.mesh.dcn_shape = "data=-1", ""
+  if lengths:
+    config.eval.lengths = tuple(lengths)
   config_lib.validate(config)
-  lengths = tuple(int(n) for n in (lengths or config.eval.lengths))
+  lengths = tuple(config.eval.lengths)
   corpus = pipeline.prepare(config, workdir)
   if imported:
     if corpus.vocab_size != imported.model_cfg.vocab_size:
@@ -196,24 +203,38 @@ def define_flags() -> None:
   sharding.define_flags()
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+# Flags that set a config key; `--config.KEY=VALUE` for these is the same thing.
+_FLAG_KEYS = {"lengths": "eval.lengths", "source": "data.source", "mesh": "mesh.shape"}
+
+
+def main(overrides) -> None:
   f = flags.FLAGS
-  if f.workdir is None:
-    raise app.UsageError("--workdir=DIR is required")
-  try:
-    lengths = [int(n) for n in f.lengths] if f.lengths else None
-    sharding.initialize_from_flags()
-    evaluate(f.workdir, f.step, lengths, f.mesh, f.hf_checkpoint, f.source)
-  except (config_lib.ConfigError, checkpoint.CheckpointError, ValueError, OSError) as e:
-    config_lib.fail(e)
+  cli.required("--workdir=runs/quickstart", workdir=f.workdir)
+  if f.step is not None and f.step < 0:
+    raise config_lib.ConfigError(f"--step={f.step} must be a saved step (>= 0); omit it "
+                                 "for the latest checkpoint")
+  given = {flag: getattr(f, flag) for flag in _FLAG_KEYS}
+  named = {flag: flag for flag in _FLAG_KEYS}
+  rest = []
+  for key, text in overrides:
+    flag = next((k for k, v in _FLAG_KEYS.items() if v == key), None)
+    if flag is None:
+      rest.append((key, text))
+    elif f[flag].present:
+      raise config_lib.ConfigError(f"--{flag} and --config.{key} set the same thing; pass one")
+    else:
+      given[flag], named[flag] = text, f"config.{key}"
+  lengths = given["lengths"]
+  if lengths is not None:
+    items = lengths.strip("()[] ").split(",") if isinstance(lengths, str) else lengths
+    lengths = cli.positive_ints(named["lengths"], items, "128,256,512")
+  sharding.initialize_from_flags()
+  evaluate(f.workdir, f.step, lengths, given["mesh"], f.hf_checkpoint, given["source"], rest)
 
 
-def run() -> None:
+def run(argv=None) -> None:
   """Console entry point `bipe-eval`."""
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, argv)
 
 
 if __name__ == "__main__":

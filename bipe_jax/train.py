@@ -8,14 +8,12 @@ Starting again with the same --workdir resumes from its latest checkpoint.
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
-from ml_collections import config_flags
 
-from bipe_jax import checkpoint, metrics, sharding, stopping
+from bipe_jax import checkpoint, cli, metrics, sharding, stopping
 from bipe_jax import config as config_lib
 from bipe_jax.data import pipeline
 from bipe_jax.trainer import Trainer, lr_schedule
@@ -46,7 +44,6 @@ def train(config, workdir: str) -> dict:
   if ckpt.latest_step() is not None:
     start, state, data_state = ckpt.restore(None, trainer.abstract_state())
     data_iter.set_state(sharding.own_process_state(data_state))
-    logging.info("resuming from checkpoint at step %d", start)
     print(f"resuming from step {start} in {workdir}", flush=True)
   else:
     state = trainer.init(jax.random.key(config.seed))
@@ -160,31 +157,24 @@ def _prepare_workdir(workdir: str) -> None:
 
 def define_flags() -> None:
   """CLI flags; defined only when run as a program, so importing stays side-effect free."""
-  config_flags.DEFINE_config_file("config", None, "Path to a config file, e.g. configs/quickstart.py.")
+  flags.DEFINE_string("config", None, "Config file, e.g. configs/quickstart.py; change "
+                      "any of its values with --config.KEY=VALUE (e.g. --config.train.steps=500).")
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and caches.")
   sharding.define_flags()
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if flags.FLAGS.config is None or flags.FLAGS.workdir is None:
-    raise app.UsageError("both --config=FILE and --workdir=DIR are required")
-  try:
-    sharding.initialize_from_flags()
-    train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except (config_lib.ConfigError, checkpoint.CheckpointError, Diverged, ValueError, OSError) as e:
-    config_lib.fail(e)
+def main(overrides) -> None:
+  f = flags.FLAGS
+  cli.required("--config=configs/quickstart.py --workdir=runs/quickstart",
+               config=f.config, workdir=f.workdir)
+  config = cli.apply_overrides(config_lib.load_file(f.config), overrides)
+  sharding.initialize_from_flags()
+  train(config, f.workdir)
 
 
-def run() -> None:
+def run(argv=None) -> None:
   """Console entry point `bipe-train`."""
-  try:
-    config_lib.check_overrides(sys.argv[1:])
-  except config_lib.ConfigError as e:
-    config_lib.fail(e)
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, argv, errors=(Diverged,))
 
 
 if __name__ == "__main__":

@@ -148,8 +148,8 @@ def _tokenize(plan: _Plan, tok: Tokenizer) -> tuple[dict, dict]:
       flush()
       if time.time() - last > 5:
         last = time.time()
-        logging.info("tokenized %d/%d files, %d tokens, %.1f s", f + 1,
-                     len(plan.paths), sum(map(len, docs)), last - t0)
+        print(f"tokenized {f + 1}/{len(plan.paths)} files, {sum(map(len, docs)):,} "
+              f"tokens, {last - t0:.1f} s", flush=True)
   flush()
   if not docs:
     raise ValueError(f"data.source {plan.dc.source!r} produced no documents with "
@@ -166,10 +166,10 @@ def _tokenize(plan: _Plan, tok: Tokenizer) -> tuple[dict, dict]:
     stats[f"{name}_documents"] = len(chosen)
     stats[f"{name}_bytes"] = int(sum(b for b, m in zip(nbytes, mask) if m))
     stats[f"{name}_tokens"] = int(len(out[name][0]))
-  logging.info("tokenized %d/%d files in %.1f s: %d train tokens (%d docs), "
-               "%d held-out tokens (%d docs)", files_done + 1, len(plan.paths),
-               time.time() - t0, stats["train_tokens"], stats["train_documents"],
-               stats["heldout_tokens"], stats["heldout_documents"])
+  print(f"tokenized {files_done + 1}/{len(plan.paths)} files in {time.time() - t0:.1f} s: "
+        f"{stats['train_tokens']:,} train tokens ({stats['train_documents']} docs), "
+        f"{stats['heldout_tokens']:,} held-out tokens ({stats['heldout_documents']} docs)",
+        flush=True)
   return out, stats
 
 
@@ -181,6 +181,36 @@ def _save_atomic(path: str, write, mode: str = "wb"):
   with open(tmp, mode) as f:
     write(f)
   os.replace(tmp, path)  # Readers never see half-written files.
+
+
+def _load_cache(cache_dir: str, meta_path: str, fingerprint: dict):
+  """(arrays, stats) of a cache made with `fingerprint`, else (None, None).
+
+  A damaged cache (unreadable meta.json, a truncated or missing .npy, a length
+  that disagrees with meta.json) is reported and rebuilt, never trusted.
+  """
+  if not os.path.isfile(meta_path):
+    return None, None
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if meta.get("fingerprint") != fingerprint:
+      return None, None
+    stats = meta["stats"]
+    arrays = {}
+    for a in _ARRAYS:
+      path = os.path.join(cache_dir, f"{a}.npy")
+      # Memory-mapped: a large corpus costs no RAM until windows are read.
+      arrays[a] = np.load(path, mmap_mode="r")
+      expected = stats.get(a.replace("_doc_starts", "_documents"), len(arrays[a]))
+      if arrays[a].ndim != 1 or len(arrays[a]) != expected:
+        raise ValueError(f"{path} holds {arrays[a].shape} values, meta.json says {expected}")
+  except (OSError, EOFError, ValueError, KeyError, AttributeError, TypeError) as e:
+    print(f"warning: the tokenized-data cache in {cache_dir} is damaged ({e}); "
+          "tokenizing again", flush=True)
+    return None, None
+  logging.info("reusing tokenized corpus in %s", cache_dir)
+  return arrays, stats
 
 
 def prepare(config, workdir: str) -> Corpus:
@@ -201,17 +231,7 @@ def prepare(config, workdir: str) -> Corpus:
   table = tok.separator_table(seg.modality, seg.cot_delimiter, seg.separator_ids)
   fingerprint = plan.fingerprint(tok)
   meta_path = os.path.join(cache_dir, "meta.json")
-  arrays = None
-  if os.path.isfile(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
-    if meta.get("fingerprint") == fingerprint and all(
-        os.path.isfile(os.path.join(cache_dir, f"{a}.npy")) for a in _ARRAYS):
-      # Memory-mapped: a large corpus costs no RAM until windows are read.
-      arrays = {a: np.load(os.path.join(cache_dir, f"{a}.npy"), mmap_mode="r")
-                for a in _ARRAYS}
-      stats = meta["stats"]
-      logging.info("reusing tokenized corpus in %s", cache_dir)
+  arrays, stats = _load_cache(cache_dir, meta_path, fingerprint)
   if arrays is None:
     splits, stats = _tokenize(plan, tok)
     arrays = {"train_tokens": splits["train"][0], "train_doc_starts": splits["train"][1],

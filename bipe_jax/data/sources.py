@@ -64,14 +64,32 @@ def list_files(source: str) -> list[str]:
     if not pattern:
       continue
     pattern = os.path.expanduser(pattern)
-    matches = [m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m)]
+    found = glob.glob(pattern, recursive=True)
+    matches = [m for m in found if os.path.isfile(m)]
+    _warn_skipped(pattern, [m for m in found if not os.path.isfile(m)])
     if not matches:
       raise ValueError(
           f"data.source pattern {pattern!r} matches no file; pass \"stdlib\" or a "
           "comma-separated list of existing files / globs of .txt, code, "
           ".jsonl(.gz) or .array_record files (recursive '**' allowed)")
     out.update(matches)
+  if not out:
+    raise ValueError(f"data.source {source!r} names no file; pass \"stdlib\" or a "
+                     "comma-separated list of files / globs")
   return sorted(out)
+
+
+def _warn_skipped(pattern: str, skipped: list[str]) -> None:
+  """Names what a pattern matched that is not a readable file (directories, broken links)."""
+  dirs = sorted(m for m in skipped if os.path.isdir(m))
+  broken = sorted(m for m in skipped if os.path.islink(m) and not os.path.exists(m))
+  for what, names, hint in (
+      (("directory", "directories"), dirs, "a '**/' pattern reads the files below"),
+      (("dangling symlink", "dangling symlinks"), broken, "no target file")):
+    if names:
+      shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+      logging.warning("data.source pattern %r matches %d %s, skipped (%s): %s", pattern,
+                      len(names), what[len(names) > 1], hint, shown)
 
 
 def detect_format(path: str, fmt: str = "auto") -> str:

@@ -33,6 +33,9 @@ _SPACE = "\u2581"  # SentencePiece's whitespace symbol "▁".
 MODALITIES = ("text", "code", "cot")
 # SentencePiece's default max_sentence_length is 4192 bytes; stay below it.
 _MAX_SENTENCE_BYTES = 4000
+# A retrained tokenizer may differ, so a damaged one is never replaced silently.
+_RETRAIN = ("delete {} to train the tokenizer and tokenize again (checkpoints made "
+            "with the old tokenizer may not fit a new one)")
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -348,20 +351,32 @@ def load_or_train(config, cache_dir: str, sample_texts_fn) -> Tokenizer:
             "source": config.data.source}
   recipe_path = os.path.join(cache_dir, "tokenizer.json")
   if os.path.isfile(path) and os.path.isfile(recipe_path):
-    with open(recipe_path) as f:
-      if json.load(f) == recipe:
-        logging.info("reusing tokenizer %s", path)
+    if _read_recipe(recipe_path) == recipe:
+      logging.info("reusing tokenizer %s", path)
+      try:
         return Tokenizer.load(path)
+      except ValueError as e:
+        raise ValueError(f"{e}; {_RETRAIN.format(cache_dir)}") from None
     logging.info("cached tokenizer %s was trained with other settings; retraining", path)
   texts = _take_bytes(sample_texts_fn(), int(tc.sample_bytes))
   if not any(texts):
     raise ValueError(f"data.source {config.data.source!r} produced no training text "
                      "to train the tokenizer on (no documents, or only empty ones)")
-  logging.info("training a %d-piece tokenizer on %.1f MB of text", tc.vocab_size,
-               sum(len(t.encode("utf-8")) for t in texts) / 1e6)
+  print(f"training a {tc.vocab_size}-piece tokenizer on "
+        f"{sum(len(t.encode('utf-8')) for t in texts) / 1e6:.1f} MB of text", flush=True)
   tok = train_tokenizer(texts, os.path.join(cache_dir, "tokenizer"), int(tc.vocab_size))
   tmp = f"{recipe_path}.tmp{uuid.uuid4().hex}"
   with open(tmp, "w") as f:
     json.dump(recipe, f)
   os.replace(tmp, recipe_path)
   return tok
+
+
+def _read_recipe(path: str):
+  """tokenizer.json's settings; a damaged file fails, naming it and the fix."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is damaged ({e}); {_RETRAIN.format(os.path.dirname(path))}"
+                     ) from None

@@ -23,7 +23,6 @@ windows across documents, separators (13, 869), intra padding row.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 
@@ -31,8 +30,10 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from safetensors import SafetensorError
 from safetensors import numpy as st_numpy
 
+from bipe_jax import config as config_lib
 from bipe_jax import encodings
 from bipe_jax.model import Decoder, ModelConfig
 
@@ -63,8 +64,11 @@ def read_hf_config(ckpt_dir: str) -> dict:
   path = os.path.join(ckpt_dir, "config.json")
   if not os.path.isfile(path):
     raise ReleaseError(f"--hf_checkpoint={ckpt_dir!r}: no config.json there")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  hf = config_lib.read_json(path, "the release's config.json must be the HF LlamaConfig "
+                            "JSON it was published with; download it again")
+  if not isinstance(hf, dict):
+    raise ReleaseError(f"{path} holds a JSON {type(hf).__name__}, not a model config")
+  return hf
 
 
 def _need(hf: dict, key: str):
@@ -133,8 +137,11 @@ def read_tensors(ckpt_dir: str) -> dict[str, np.ndarray]:
   if os.path.isfile(single):
     files = [single]
   elif os.path.isfile(index):
-    with open(index, encoding="utf-8") as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
+    listing = config_lib.read_json(index, "download it again")
+    weight_map = listing.get("weight_map") if isinstance(listing, dict) else None
+    if not isinstance(weight_map, dict):
+      raise ReleaseError(f"{index} has no weight_map object; download it again")
+    shards = sorted(set(weight_map.values()))
     files = [os.path.join(ckpt_dir, s) for s in shards]
   else:
     found = ", ".join(sorted(os.listdir(ckpt_dir))) if os.path.isdir(ckpt_dir) else "nothing"
@@ -143,7 +150,11 @@ def read_tensors(ckpt_dir: str) -> dict[str, np.ndarray]:
                        "re-saved as safetensors (this project does not use torch).")
   tensors = {}
   for path in files:
-    tensors.update(st_numpy.load_file(path))
+    try:
+      tensors.update(st_numpy.load_file(path))
+    except SafetensorError as e:
+      raise ReleaseError(f"{path} is not a readable safetensors file ({e}); "
+                         "download it again") from None
   return tensors
 
 
