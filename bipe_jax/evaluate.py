@@ -28,6 +28,7 @@ from bipe_jax import checkpoint, sharding
 from bipe_jax import config as config_lib
 from bipe_jax.data import pipeline
 from bipe_jax.interop import release
+from bipe_jax.tasks import arithmetic
 from bipe_jax.trainer import Trainer
 
 
@@ -108,6 +109,8 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
   else:
     trainer, state = restore_params(config, workdir, corpus.vocab_size, step)
     params, step = state.params, int(state.step)
+  if config.data.source == "arithmetic":  # scored by generation, not perplexity
+    return arithmetic.evaluate_run(trainer, params, config, corpus, workdir, step)
   train_len = config.data.seq_len
   print(f"evaluating step {step} of {workdir} (pe.kind={config.pe.kind}, "
         f"trained at {train_len} tokens)", flush=True)
