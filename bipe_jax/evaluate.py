@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from bipe_jax import checkpoint, sharding
+from bipe_jax import checkpoint, eval_modes, sharding
 from bipe_jax import config as config_lib
 from bipe_jax.data import pipeline
 from bipe_jax.interop import release
@@ -78,7 +78,8 @@ def perplexities(trainer: Trainer, params, config, corpus, lengths, max_tokens: 
 
 
 def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | None = None,
-             hf_checkpoint: str | None = None, source: str | None = None) -> dict:
+             hf_checkpoint: str | None = None, source: str | None = None,
+             stride: int | None = None, per_position: bool = False) -> dict:
   """Perplexity table of a checkpoint in `workdir`, or of a release dir `hf_checkpoint`.
 
   `source` replaces config.data.source (its held-out split is scored); its
@@ -98,6 +99,7 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
     config.mesh.shape, config.mesh.dcn_shape = "data=-1", ""
   config_lib.validate(config)
   lengths = tuple(int(n) for n in (lengths or config.eval.lengths))
+  eval_modes.check(stride, lengths)
   corpus = pipeline.prepare(config, workdir)
   if imported:
     if corpus.vocab_size != imported.model_cfg.vocab_size:
@@ -119,11 +121,13 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
   unigram = pipeline.unigram_perplexity(_heldout_targets(corpus, min(lengths), config.eval.max_tokens))
   result = dict(workdir=os.path.abspath(workdir), step=step, pe_kind=config.pe.kind,
                 train_length=train_len, unigram_ppl=unigram, results=rows)
+  result.update(eval_modes.run(trainer, params, config, corpus, lengths, stride, per_position))
   print(format_table(result))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=1)
     plot(result, os.path.join(workdir, "eval.png"))
+    eval_modes.plot(result, workdir)
     print(f"wrote {os.path.join(workdir, 'eval.json')} and {os.path.join(workdir, 'eval.png')}")
   return result
 
@@ -185,6 +189,7 @@ def define_flags() -> None:
                       "instead of the training config's data.source.")
   flags.DEFINE_string("mesh", None, "Mesh to evaluate on, e.g. data=2,tensor=4 (default: the "
                       "training mesh if it fits the devices here, else all along data).")
+  eval_modes.define_flags()
   sharding.define_flags()
 
 
@@ -197,7 +202,8 @@ def main(argv) -> None:
   try:
     lengths = [int(n) for n in f.lengths] if f.lengths else None
     sharding.initialize_from_flags()
-    evaluate(f.workdir, f.step, lengths, f.mesh, f.hf_checkpoint, f.source)
+    evaluate(f.workdir, f.step, lengths, f.mesh, f.hf_checkpoint, f.source, f.stride,
+             f.per_position)
   except (config_lib.ConfigError, checkpoint.CheckpointError, ValueError, OSError) as e:
     config_lib.fail(e)
 
