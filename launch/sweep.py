@@ -113,11 +113,11 @@ def eval_args(sweep, run: Run) -> list[str]:
   return [f"--workdir={run.workdir}"] + list(sweep.get("eval_args", ()))
 
 
-def print_commands(sweep, runs, train_cmd: str, eval_cmd: str, out=sys.stdout) -> None:
+def print_commands(sweep, runs, train_cmd: str, eval_cmd: str) -> None:
   for run in runs:
     train = " ".join(shlex.quote(a) for a in train_args(sweep, run, sweep.base))
     ev = " ".join(shlex.quote(a) for a in eval_args(sweep, run))
-    print(f"{train_cmd} {train} && {eval_cmd} {ev}", file=out)
+    print(f"{train_cmd} {train} && {eval_cmd} {ev}")
 
 
 def finished(run: Run) -> bool:

@@ -15,6 +15,7 @@ from tiny import REPO, tiny_config
 
 _spec = importlib.util.spec_from_file_location("sweep", os.path.join(REPO, "launch", "sweep.py"))
 sweep = importlib.util.module_from_spec(_spec)
+sys.modules["sweep"] = sweep  # dataclasses look their module up while it loads
 _spec.loader.exec_module(sweep)
 
 
