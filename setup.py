@@ -8,7 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["bipe_jax", "bipe_jax.*", "configs", "configs.*"]),
+    # configs/ holds experiment files passed by path; only the package is installed.
+    packages=find_packages(include=["bipe_jax", "bipe_jax.*"]),
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

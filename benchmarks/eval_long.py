@@ -73,7 +73,7 @@ def measure(kind: str, length: int, impl: str, repeats: int) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from bipe_jax import attention
+  from bipe_jax import attention, encodings
   from bipe_jax.model import Decoder, ModelConfig
 
   cfg = ModelConfig(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
@@ -103,7 +103,7 @@ def measure(kind: str, length: int, impl: str, repeats: int) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(evaluate(params, batch))
     times.append(time.perf_counter() - t0)
-  resolved = attention.resolve(impl, kind=attention.dispatch.pe_bias_kind(kind),
+  resolved = attention.resolve(impl, kind=encodings.get(kind).bias_kind,
                                dtype=jnp.float32)
   return dict(kind=kind, length=length, impl=impl, resolved=resolved, params_m=n_params / 1e6,
               loss=loss, first_call_s=first, best_s=min(times), tokens_per_s=length / min(times),

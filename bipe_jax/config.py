@@ -10,7 +10,8 @@ import sys
 
 import ml_collections
 
-from bipe_jax import attention, encodings
+from bipe_jax import encodings
+from bipe_jax.configs import base
 
 
 class ConfigError(ValueError):
@@ -42,7 +43,6 @@ def flat_keys(c: ml_collections.ConfigDict, prefix: str = "") -> dict:
 
 
 def base_keys() -> set[str]:
-  from configs import base  # pylint: disable=g-import-not-at-top
   return set(flat_keys(base.get_config()))
 
 
@@ -80,7 +80,6 @@ def from_saved(saved: dict, source: str = "config.json") -> tuple[ml_collections
   default, which reproduces the old behaviour); a key the current code does
   not know fails, naming it.
   """
-  from configs import base  # pylint: disable=g-import-not-at-top
   merged = base.get_config().to_dict()
   known = set(flat_keys(ml_collections.ConfigDict(merged)))
   saved_keys = set(flat_keys(ml_collections.ConfigDict(saved)))
@@ -122,7 +121,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"invalid pe.kind={config.pe.kind!r}; valid: "
                       f"{', '.join(sorted(encodings.KINDS))}")
   try:
-    attention.dispatch.check(config.attention.impl)
+    encodings.get(config.pe.kind).check_attention(config.attention.impl)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   from bipe_jax.model import ModelConfig  # pylint: disable=g-import-not-at-top

@@ -115,7 +115,7 @@ def per_position_loss(trainer, params, config, corpus, length: int) -> dict:
     if pad:
       batch = {k: np.pad(np.asarray(v), [(0, pad)] + [(0, 0)] * (np.ndim(v) - 1))
                for k, v in batch.items()}
-    with sharding.context(trainer.mesh, trainer.rules):
+    with jax.set_mesh(trainer.mesh):
       nll, mask = fn(params, sharding.replicated_batch(batch, trainer.batch_sharding))
     total += np.asarray(nll).sum(0)
     count += np.asarray(mask).sum(0)

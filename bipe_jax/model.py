@@ -7,6 +7,7 @@ Every parameter carries logical axis names; `bipe_jax.sharding` maps them.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -14,7 +15,6 @@ import jax.numpy as jnp
 
 from bipe_jax import attention as attn_lib
 from bipe_jax import encodings
-from bipe_jax import sharding
 
 
 # Keys under `pe` that ModelConfig reads, with the defaults used when a config
@@ -110,9 +110,10 @@ REMAT_POLICIES = {
 }
 
 
-def _constrain(x, *axes):
-  # Pins activation layouts under a Trainer's mesh (bipe_jax.sharding); a no-op elsewhere.
-  return nn.with_logical_constraint(x, axes, rules=sharding.activation_rules())
+def _constrain(x, rules, *axes):
+  # Pins activation layouts by `rules` under a mesh (a Trainer's); a no-op
+  # without rules or outside a mesh.
+  return nn.with_logical_constraint(x, axes, rules=rules) if rules else x
 
 
 def _init(std, *axes):
@@ -134,6 +135,7 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
   cfg: ModelConfig
+  rules: Any = None
 
   @nn.compact
   def __call__(self, x_BLD, batch, pos_BL):
@@ -150,7 +152,7 @@ class Attention(nn.Module):
                           block_k=c.attention_block_k)
     out_BLHD = kernel(q_BLHD, k_BLKD, v_BLKD, q_doc_BT=batch["doc_ids"],
                       k_doc_BS=batch["doc_ids"], bias=bias)
-    out_BLHD = _constrain(out_BLHD, "batch", "length", "heads", "head_dim")
+    out_BLHD = _constrain(out_BLHD, self.rules, "batch", "length", "heads", "head_dim")
     return nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=c.dtype,
                            param_dtype=c.param_dtype, name="o",
                            kernel_init=_init(c.init_std, "heads", "head_dim", "embed"))(out_BLHD)
@@ -158,6 +160,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
   cfg: ModelConfig
+  rules: Any = None
 
   @nn.compact
   def __call__(self, x_BLD):
@@ -172,20 +175,22 @@ class MLP(nn.Module):
     x_ND = x_BLD.reshape(b * l, d)
     gate_NF = dense("gate", c.d_ff, ("embed", "mlp"))(x_ND)
     up_NF = dense("up", c.d_ff, ("embed", "mlp"))(x_ND)
-    h_NF = _constrain(nn.silu(gate_NF) * up_NF, "batch", "mlp")
+    h_NF = _constrain(nn.silu(gate_NF) * up_NF, self.rules, "batch", "mlp")
     return dense("down", c.d_model, ("mlp", "embed"))(h_NF).reshape(b, l, d)
 
 
 class Block(nn.Module):
   cfg: ModelConfig
+  rules: Any = None
 
   @nn.compact
   def __call__(self, x_BLD, batch, pos_BL):
     c = self.cfg
     h_BLD = RMSNorm(c.norm_eps, c.param_dtype, name="attn_norm")(x_BLD)
-    x_BLD = x_BLD + Attention(c, name="attn")(h_BLD, batch, pos_BL)
-    x_BLD = x_BLD + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.param_dtype, name="mlp_norm")(x_BLD))
-    return _constrain(x_BLD, "batch", "length", "embed")
+    x_BLD = x_BLD + Attention(c, self.rules, name="attn")(h_BLD, batch, pos_BL)
+    h_BLD = RMSNorm(c.norm_eps, c.param_dtype, name="mlp_norm")(x_BLD)
+    x_BLD = x_BLD + MLP(c, self.rules, name="mlp")(h_BLD)
+    return _constrain(x_BLD, self.rules, "batch", "length", "embed")
 
 
 class Decoder(nn.Module):
@@ -194,8 +199,15 @@ class Decoder(nn.Module):
   The batch needs tokens, positions, doc_ids, and intra/inter for bilevel
   kinds (all [B, L] int). `train=True` is passed by the train step together
   with an rng stream named "positions" (randomized kinds draw from it).
+
+  activation_rules: logical axis -> mesh axes (`bipe_jax.sharding.rules`)
+  pinning activation layouts under a mesh; None leaves them to the compiler.
+  They are deliberately not flax's global `nn.logical_axis_rules`: with those
+  set, flax's parameter shape check constrains DenseGeneral kernels on their
+  flattened shapes and fails.
   """
   cfg: ModelConfig
+  activation_rules: Any = None
 
   @nn.compact
   def __call__(self, batch, train: bool = False):
@@ -211,16 +223,17 @@ class Decoder(nn.Module):
       x_BLD = x_BLD + pe_BLD.astype(c.dtype)
     key = self.make_rng("positions") if enc.randomized and train else None
     pos_BL = encodings.attention_positions(enc, c.pe_params, batch, train, key)
-    x_BLD = _constrain(x_BLD, "batch", "length", "embed")
+    rules = self.activation_rules
+    x_BLD = _constrain(x_BLD, rules, "batch", "length", "embed")
     block = Block if c.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[c.remat])
     for i in range(c.n_layers):
-      x_BLD = block(c, name=f"layer_{i}")(x_BLD, batch, pos_BL)
+      x_BLD = block(c, rules, name=f"layer_{i}")(x_BLD, batch, pos_BL)
     x_BLD = RMSNorm(c.norm_eps, c.param_dtype, name="final_norm")(x_BLD)
     head = self.param("lm_head", _init(c.init_std, "embed", "vocab"),
                       (c.d_model, c.vocab_size), c.param_dtype)
     logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head.astype(c.dtype),
                             preferred_element_type=jnp.float32)
-    return _constrain(logits_BLV, "batch", "length", "vocab")
+    return _constrain(logits_BLV, rules, "batch", "length", "vocab")
 
 
 def loss_fn(logits_BLV, targets_BL, loss_mask_BL):

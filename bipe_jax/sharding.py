@@ -10,7 +10,6 @@ module that creates meshes.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import glob
 import json
 import math
@@ -140,30 +139,6 @@ def batch_axes(rule_list) -> tuple[str, ...]:
 
 def data_parallel_size(sizes: Mapping[str, int], rule_list) -> int:
   return math.prod(sizes[a] for a in batch_axes(rule_list))
-
-
-_ACTIVATION_RULES = contextvars.ContextVar("bipe_activation_rules", default=None)
-
-
-def activation_rules():
-  """Rules for the model's activation constraints; None (no constraints) outside `context`."""
-  return _ACTIVATION_RULES.get()
-
-
-@contextlib.contextmanager
-def context(mesh, rule_list):
-  """Mesh and rules while a Trainer traces: activation constraints and sharded kernels read them.
-
-  The rules are deliberately not flax's global `nn.logical_axis_rules`: with
-  those set, flax's parameter shape check constrains DenseGeneral kernels on
-  their flattened shapes and fails.
-  """
-  token = _ACTIVATION_RULES.set(tuple(rule_list))
-  try:
-    with jax.set_mesh(mesh):
-      yield
-  finally:
-    _ACTIVATION_RULES.reset(token)
 
 
 def logical_shardings(logical_specs, shapes, mesh, rule_list):

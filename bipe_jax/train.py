@@ -31,19 +31,17 @@ class _SignalFlag:
 
   def __init__(self):
     self.received = None
-    self._old = {}
+    self._old = None
 
   def __enter__(self):
-    for sig in (signal.SIGTERM,):
-      self._old[sig] = signal.signal(sig, self._handle)
+    self._old = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     self.received = signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)
+    signal.signal(signal.SIGTERM, self._old)
 
 
 def train(config, workdir: str) -> dict:

@@ -73,11 +73,11 @@ class Trainer:
   def __init__(self, config, vocab_size: int, mesh: jax.sharding.Mesh | None = None):
     self.config = config
     self.model_cfg = ModelConfig.from_config(config, vocab_size)
-    self.model = Decoder(self.model_cfg)
+    self.rules = sharding.rules(config)
+    self.model = Decoder(self.model_cfg, activation_rules=self.rules)
     self.tx = make_optimizer(config.train)
     self.accum = int(config.train.grad_accum_steps)
     self.mesh = sharding.make_mesh(config) if mesh is None else mesh
-    self.rules = sharding.rules(config)
     self.batch_size = int(config.train.batch_size)
     self.state_sharding = self._state_sharding()
     self.param_sharding = self.state_sharding.params
@@ -121,7 +121,8 @@ class Trainer:
                         shapes, self.state_sharding)
 
   def init(self, key) -> TrainState:
-    # No rules context: init traces a 1-row dummy batch whose activations need no layout.
+    # Outside the mesh: activation constraints are no-ops while init traces a
+    # 1-row dummy batch, whose activations need no layout.
     return self._init_jit(key)
 
   # Training ---------------------------------------------------------------------
@@ -137,7 +138,7 @@ class Trainer:
 
   def step(self, state: TrainState, batch: dict, key) -> tuple[TrainState, dict]:
     """One optimizer step on a global batch (see global_batch); state is donated."""
-    with sharding.context(self.mesh, self.rules):
+    with jax.set_mesh(self.mesh):
       return self._step_jit(state, batch, key)
 
   def _grads(self, params, batch, rng):
@@ -207,5 +208,5 @@ class Trainer:
     if pad:
       batch = {k: np.pad(np.asarray(v), [(0, pad)] + [(0, 0)] * (np.ndim(v) - 1))
                for k, v in batch.items()}
-    with sharding.context(self.mesh, self.rules):
+    with jax.set_mesh(self.mesh):
       return self._eval_jit(params, sharding.replicated_batch(batch, self.batch_sharding))

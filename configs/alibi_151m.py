@@ -1,8 +1,11 @@
 """The paper's ALiBi 151M model: the BiPE-RoPE setup with pe.kind="alibi"."""
-from configs import bipe_rope_151m
+import os
+
+from bipe_jax.config import load_file
 
 
 def get_config():
-  c = bipe_rope_151m.get_config()
+  # Loaded by path: this folder is not an installed package.
+  c = load_file(os.path.join(os.path.dirname(__file__), "bipe_rope_151m.py"))
   c.pe.kind = "alibi"
   return c

@@ -6,7 +6,7 @@ expressions with more operators than in training are longer than any
 training sequence. Sized for a 2-core CPU; other kinds by override
 (`--config.pe.kind=fire`). Evaluate with `bipe-eval --workdir=DIR`.
 """
-from configs import base
+from bipe_jax.configs import base
 
 
 def get_config():

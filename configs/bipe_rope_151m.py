@@ -1,5 +1,5 @@
 """The paper's BiPE-RoPE language model (BIPE_METHOD section 3), Llama vocab size."""
-from configs import base
+from bipe_jax.configs import base
 
 
 def get_config():

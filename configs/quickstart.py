@@ -1,5 +1,5 @@
 """Small BiPE-RoPE model on the standard-library code corpus, for a 2-core CPU."""
-from configs import base
+from bipe_jax.configs import base
 
 
 def get_config():

@@ -246,10 +246,13 @@ def test_dispatch_routes_by_backend_bias_and_dtype():
 ])
 def test_invalid_combinations_fail_at_config_time(impl, pe_kind, backend, words):
   with pytest.raises(ValueError) as e:
-    dispatch.check(impl, pe_kind=pe_kind, backend=backend)
+    if pe_kind:
+      encodings.get(pe_kind).check_attention(impl, backend)
+    else:
+      dispatch.check(impl, backend=backend)
   for w in words:
     assert w in str(e.value), str(e.value)
-  dispatch.check("auto", pe_kind=pe_kind or "rope", backend=backend)
+  encodings.get(pe_kind or "rope").check_attention("auto", backend)
 
 
 def test_call_time_errors_name_the_bias():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bipe_jax.data import pipeline, sources
-from configs import base
+from bipe_jax.configs import base
 
 
 def config_for(source, cache_dir, **data):

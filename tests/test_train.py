@@ -120,7 +120,7 @@ def test_cli_unknown_override_fails_before_work(tmp_path):
 
 def test_saved_config_from_an_older_version_loads_with_defaults(tmp_path):
   """config.json lacking keys added later loads (they take defaults); unknown keys fail."""
-  from configs import base
+  from bipe_jax.configs import base
   saved = base.get_config().to_dict()
   saved["eval"]["lengths"] = [64, 128]          # JSON lists, a value that differs from base
   saved["pe"]["kind"] = "bipe_alibi"

@@ -11,9 +11,9 @@
              tokens; see BENCHMARKS.md)
 
 `get(impl)` returns a kernel that resolves when traced, from the actual
-arguments (bias object, dtype, self- or cross-attention), logs what `auto` chose, and
-runs under shard_map when a mesh is active. `check(impl, pe_kind=...)` rejects
-impossible combinations at config-validation time.
+arguments (bias object, dtype), logs what `auto` chose, and runs under
+shard_map when a mesh is active. `check(impl, kind)` rejects impossible
+combinations at config-validation time.
 """
 from __future__ import annotations
 
@@ -38,13 +38,6 @@ def bias_kind(bias) -> str:
   if bias is None:
     return "none"
   return "alibi" if isinstance(bias, Bias) else "other"
-
-
-def pe_bias_kind(pe_kind: str) -> str:
-  """bias_kind of the bias objects `pe.kind` produces."""
-  from bipe_jax import encodings  # late: encodings imports attention.bias
-  kind = encodings.get(pe_kind).bias
-  return "none" if kind is None else ("alibi" if kind == "alibi" else "other")
 
 
 def _backend(backend: str | None) -> str:
@@ -72,19 +65,22 @@ def _check_name(impl: str) -> None:
     raise ValueError(f"unknown attention.impl {impl!r}; valid: {', '.join(IMPLS)}")
 
 
-def check(impl: str, pe_kind: str | None = None, backend: str | None = None) -> None:
-  """Raises ValueError unless `impl` is known and can run `pe_kind` on `backend`.
+def check(impl: str, kind: str | None = None, backend: str | None = None, *,
+          encoding: str | None = None) -> None:
+  """Raises ValueError unless `impl` is known and can run biases of `kind` on `backend`.
 
-  Without `pe_kind` only the name and the backend are checked.
+  Without `kind` only the name and the backend are checked; `encoding` (a
+  pe.kind) only names the culprit in the message. An encoding checks itself
+  with `encodings.get(pe_kind).check_attention(impl, backend)`.
   """
   _check_name(impl)
   if impl == "auto":
     return
-  kinds = [pe_bias_kind(pe_kind)] if pe_kind else ["none", "alibi", "other"]
+  kinds = [kind] if kind else ["none", "alibi", "other"]
   backend = _backend(backend)
   if not any(impl in valid_impls(backend, k) for k in kinds):
     valid = valid_impls(backend, kinds[0])
-    what = f"cannot run {_describe(kinds[0], pe_kind)} on" if pe_kind else "is not available on"
+    what = f"cannot run {_describe(kinds[0], encoding)} on" if kind else "is not available on"
     raise ValueError(f"attention.impl={impl!r} {what} backend {backend!r}; "
                      f"valid choices: auto, {', '.join(valid)}")
 
@@ -121,16 +117,11 @@ def kernel_fn(name: str, backend: str | None = None):
   return importlib.import_module(f"bipe_jax.attention.{module}").attention
 
 
-def _cudnn_refuses(q_BTHD, k_BSKD, bias, q_offset) -> bool:
-  from bipe_jax.attention import cudnn
-  return cudnn.supports(q_BTHD, k_BSKD, bias, q_offset) is not None
-
-
 def get(impl: str, mesh=None, batch_axes=None, **block_sizes):
   """attention(q, k, v, *, q_doc_BT, k_doc_BS, bias=None, q_offset=0) for `impl`.
 
   Resolution happens when the returned function is traced (it sees the bias
-  type, the dtype and whether T == S); with an active mesh of several devices
+  type and the dtype); with an active mesh of several devices
   the kernel runs under shard_map (see attention.shard). `block_sizes`
   (block_q=, block_k=) reach the blockwise kernels (chunked, pallas); None or
   0 keeps a kernel's default.
@@ -144,8 +135,6 @@ def get(impl: str, mesh=None, batch_axes=None, **block_sizes):
   def attention(q_BTHD, k_BSKD, v_BSKD, *, q_doc_BT, k_doc_BS, bias=None, q_offset=0):
     backend = _backend(None)
     name = resolve(impl, bias, backend, q_BTHD.dtype)
-    if name == "cudnn" and impl == "auto" and _cudnn_refuses(q_BTHD, k_BSKD, bias, q_offset):
-      name = "pallas"   # e.g. cross-attention to a cache: cuDNN path is self-attention only
     key = (impl, name, backend, bias_kind(bias), k_BSKD.shape[1], jnp.dtype(q_BTHD.dtype).name)
     if key not in _logged:
       _logged.add(key)

@@ -92,8 +92,8 @@ def _bias_specs(bias, batch_spec, head):
 def sharded(kernel, mesh=None, batch_axes=None):
   """`kernel` wrapped to run under shard_map on `mesh` (or the context mesh).
 
-  Returns a function with the kernel's signature. Without an active mesh of
-  more than one device it calls the kernel directly.
+  Returns a function with the kernel's signature (q_offset a Python int).
+  Without an active mesh of more than one device it calls the kernel directly.
   """
   def call(q_BTHD, k_BSKD, v_BSKD, *, q_doc_BT, k_doc_BS, bias=None, q_offset=0):
     m = active_mesh(mesh)
@@ -107,17 +107,14 @@ def sharded(kernel, mesh=None, batch_axes=None):
     doc = P(bspec, None)
     n_local = h // m.shape[head] if head else h
     bias_spec = P() if bias is None else _bias_specs(bias, bspec, head)
-    static_offset = isinstance(q_offset, int)
 
-    def body(q, k, v, qd, kd, bi, off):
+    def body(q, k, v, qd, kd, bi):
       if bi is not None and head and not isinstance(bi, Bias):
         bi = _LocalHeads(bi, n_local, head)
-      return kernel(q, k, v, q_doc_BT=qd, k_doc_BS=kd, bias=bi,
-                    q_offset=q_offset if static_offset else off)
+      return kernel(q, k, v, q_doc_BT=qd, k_doc_BS=kd, bias=bi, q_offset=q_offset)
 
-    off = None if static_offset else q_offset
-    fn = jax.shard_map(body, mesh=m, in_specs=(qkv, qkv, qkv, doc, doc, bias_spec, P()),
+    fn = jax.shard_map(body, mesh=m, in_specs=(qkv, qkv, qkv, doc, doc, bias_spec),
                        out_specs=qkv, check_vma=False)
-    return fn(q_BTHD, k_BSKD, v_BSKD, q_doc_BT, k_doc_BS, bias, off)
+    return fn(q_BTHD, k_BSKD, v_BSKD, q_doc_BT, k_doc_BS, bias)
 
   return call

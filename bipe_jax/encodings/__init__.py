@@ -38,10 +38,10 @@ from bipe_jax.encodings.layers import InputEmbedding, RelativeEncoding, attentio
 from bipe_jax.encodings.randomized import randomize_positions
 from bipe_jax.encodings.registry import Encoding, KINDS, get
 from bipe_jax.encodings.rope import apply_rope
-from bipe_jax.encodings.tables import sinusoidal, sinusoidal_table
+from bipe_jax.encodings.tables import sinusoidal
 from bipe_jax.encodings.xpos import apply_xpos
 
 __all__ = ["Encoding", "KINDS", "get", "params", "alibi_bias", "alibi_slopes",
            "Fire", "FireBias", "InputEmbedding", "RelativeEncoding",
            "attention_positions", "randomize_positions", "apply_rope",
-           "apply_xpos", "sinusoidal", "sinusoidal_table"]
+           "apply_xpos", "sinusoidal"]

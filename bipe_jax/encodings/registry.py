@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from bipe_jax import attention
 from bipe_jax.encodings import params as P
 
 
@@ -43,6 +44,15 @@ class Encoding:
   @property
   def relative(self) -> bool:
     return self.rotary is not None or self.bias is not None
+
+  @property
+  def bias_kind(self) -> str:
+    """What attention kernels see of this kind's bias: "none", "alibi" or "other"."""
+    return "none" if self.bias is None else ("alibi" if self.bias == "alibi" else "other")
+
+  def check_attention(self, impl: str, backend: str | None = None) -> None:
+    """Raises ValueError unless attention.impl `impl` can run this kind on `backend`."""
+    attention.check(impl, self.bias_kind, backend, encoding=self.name)
 
   def params(self, obj) -> P.Params:
     """Typed parameters of the position part, read from `obj` (a ModelConfig)."""

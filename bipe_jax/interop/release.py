@@ -104,8 +104,8 @@ def model_config(hf: dict) -> ModelConfig:
 
 
 def experiment_config(hf: dict, ckpt_dir: str = "") -> ml_collections.ConfigDict:
-  """configs/base.py with everything a release model needs to evaluate as trained."""
-  from configs import base  # pylint: disable=g-import-not-at-top
+  """bipe_jax/configs/base.py with everything a release model needs to evaluate as trained."""
+  from bipe_jax.configs import base  # pylint: disable=g-import-not-at-top
   m = model_config(hf)
   c = base.get_config()
   for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "norm_eps",
