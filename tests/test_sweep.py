@@ -108,8 +108,9 @@ def test_interrupted_sweep_resumes_skips_finished_and_survives_a_failure(tmp_pat
   assert not (resumed / "eval.json").exists()
 
   r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 1, r.stdout + r.stderr  # the failing run still fails
   log = (resumed / "sweep.log").read_text()
+  assert r.returncode == 1, r.stdout + r.stderr + log[-3000:]  # the failing run still fails
+  assert (resumed / "eval.json").is_file(), r.stdout + log[-3000:]
   starts = [int(l.split()[3]) for l in log.splitlines() if l.startswith("resuming from step")]
   assert len(starts) == 1 and 5 <= starts[0] < 40, log
   steps = [json.loads(l)["step"] for l in open(resumed / "metrics.jsonl")]
