@@ -176,6 +176,11 @@ def plot_perplexity(rows: list[dict], path: str) -> None:
     ax.axvline(t, color="gray", linestyle="--", linewidth=1, label=f"training length {t}")
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
+  lengths = sorted({L for r in rows for L in r["lengths"]})
+  ax.set_xticks(lengths, [str(L) for L in lengths])
+  # Plain numbers on the log axis: the range is often well under a decade.
+  ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+  ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.ScalarFormatter())
   ax.set_xlabel("evaluation length (tokens)")
   ax.set_ylabel("perplexity")
   ax.legend(fontsize=8)
