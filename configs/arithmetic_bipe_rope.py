@@ -26,7 +26,7 @@ def get_config():
   c.model.n_kv_heads = 4
   c.model.d_ff = 512
   c.train.batch_size = 32
-  c.train.steps = 600
+  c.train.steps = 1000
   c.train.lr = 2e-3
   c.train.warmup_steps = 50
   c.train.schedule = "cosine"
