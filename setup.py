@@ -33,6 +33,7 @@ setup(
             "bipe-train=bipe_jax.train:run",
             "bipe-eval=bipe_jax.evaluate:run",
             "bipe-convert=bipe_jax.convert:run",
+            "bipe-compare=bipe_jax.compare:run",
         ],
     },
 )

@@ -25,10 +25,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from bipe_jax import checkpoint, cli, sharding
+from bipe_jax import checkpoint, cli, eval_modes, sharding
 from bipe_jax import config as config_lib
 from bipe_jax.data import pipeline
 from bipe_jax.interop import release
+from bipe_jax.tasks import arithmetic
 from bipe_jax.trainer import Trainer
 
 
@@ -98,7 +99,8 @@ def full_batches(config, corpus, length: int, max_tokens: int, batch_tokens: int
 
 def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | None = None,
              hf_checkpoint: str | None = None, source: str | None = None,
-             overrides=()) -> dict:
+             overrides=(), stride: int | None = None,
+             per_position: bool = False) -> dict:
   """Perplexity table of a checkpoint in `workdir`, or of a release dir `hf_checkpoint`.
 
   `source` replaces config.data.source (its held-out split is scored); its
@@ -122,6 +124,7 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
     config.eval.lengths = tuple(lengths)
   config_lib.validate(config)
   lengths = tuple(config.eval.lengths)
+  eval_modes.check(stride, lengths)
   corpus = pipeline.prepare(config, workdir)
   if imported:
     if corpus.vocab_size != imported.model_cfg.vocab_size:
@@ -133,6 +136,8 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
   else:
     trainer, state = restore_params(config, workdir, corpus.vocab_size, step)
     params, step = state.params, int(state.step)
+  if config.data.source == "arithmetic":  # scored by generation, not perplexity
+    return arithmetic.evaluate_run(trainer, params, config, corpus, workdir, step)
   train_len = config.data.seq_len
   print(f"evaluating step {step} of {workdir} (pe.kind={config.pe.kind}, "
         f"trained at {train_len} tokens)", flush=True)
@@ -142,11 +147,13 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
   unigram = min(rows, key=lambda r: r["length"])["unigram_ppl"]
   result = dict(workdir=os.path.abspath(workdir), step=step, pe_kind=config.pe.kind,
                 train_length=train_len, unigram_ppl=unigram, results=rows)
+  result.update(eval_modes.run(trainer, params, config, corpus, lengths, stride, per_position))
   print(format_table(result))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=1)
     plot(result, os.path.join(workdir, "eval.png"))
+    eval_modes.plot(result, workdir)
     print(f"wrote {os.path.join(workdir, 'eval.json')} and {os.path.join(workdir, 'eval.png')}")
   return result
 
@@ -200,6 +207,7 @@ def define_flags() -> None:
                       "instead of the training config's data.source.")
   flags.DEFINE_string("mesh", None, "Mesh to evaluate on, e.g. data=2,tensor=4 (default: the "
                       "training mesh if it fits the devices here, else all along data).")
+  eval_modes.define_flags()
   sharding.define_flags()
 
 
@@ -229,7 +237,8 @@ def main(overrides) -> None:
     items = lengths.strip("()[] ").split(",") if isinstance(lengths, str) else lengths
     lengths = cli.positive_ints(named["lengths"], items, "128,256,512")
   sharding.initialize_from_flags()
-  evaluate(f.workdir, f.step, lengths, given["mesh"], f.hf_checkpoint, given["source"], rest)
+  evaluate(f.workdir, f.step, lengths, given["mesh"], f.hf_checkpoint, given["source"], rest,
+           f.stride, f.per_position)
 
 
 def run(argv=None) -> None:

@@ -29,6 +29,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.packing = "windows"
   c.data.cache_dir = ""           # tokenized-corpus cache; "" = <workdir>/data
 
+  # data.source = "arithmetic": expressions modulo a prime with chains of
+  # thought (bipe_jax/tasks/arithmetic.py).
+  c.arithmetic = ml_collections.ConfigDict()
+  c.arithmetic.modulus = 7          # a prime; numbers are 0 .. modulus-1
+  c.arithmetic.train_max_ops = 4    # training expressions have 1 .. this many operators
+  c.arithmetic.test_max_ops = 8     # accuracy is reported for 1 .. this many
+  c.arithmetic.train_examples = 20_000
+  c.arithmetic.test_examples = 100  # per number of operators (fewer where fewer exist)
+  c.arithmetic.test_fraction = 0.1  # expressions whose hash falls below this are test-only
+  c.arithmetic.seed = 0             # data seed (fixed across model seeds and kinds)
+
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.model = ""          # path to a SentencePiece .model; "" = train one
   c.tokenizer.vocab_size = 4096   # when training

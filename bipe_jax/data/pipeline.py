@@ -65,10 +65,10 @@ def _check_packing(packing: str):
 class _Plan:
   """Which files are read, and which file / document goes to which split."""
 
-  def __init__(self, config):
+  def __init__(self, config, cache_dir: str = ""):
     dc = config.data
     self.dc = dc
-    self.paths = sources.list_files(dc.source)
+    self.paths = sources.list_files(dc.source, config, cache_dir)
     self.root = sources.source_root(dc.source, self.paths)
     self.keys = [os.path.relpath(os.path.abspath(p), self.root).replace(os.sep, "/")
                  for p in self.paths]
@@ -224,7 +224,7 @@ def prepare(config, workdir: str) -> Corpus:
   _check_packing(dc.packing)
   cache_dir = dc.cache_dir or os.path.join(workdir, "data")
   os.makedirs(cache_dir, exist_ok=True)
-  plan = _Plan(config)
+  plan = _Plan(config, cache_dir)
   tok = load_or_train(config, cache_dir,
                       lambda: plan.tokenizer_sample(int(config.tokenizer.sample_bytes)))
   seg = config.segmentation

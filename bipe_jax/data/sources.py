@@ -48,17 +48,26 @@ def source_root(source: str, paths: Sequence[str]) -> str:
   return os.path.commonpath([os.path.abspath(p) for p in paths])
 
 
-def list_files(source: str) -> list[str]:
-  """Files of a source: "stdlib", or comma-separated files / globs (`**` ok).
+def list_files(source: str, config=None, cache_dir: str = "") -> list[str]:
+  """Files of a source: "stdlib", a GENERATED name, or comma-separated files / globs (`**` ok).
 
   Returns a sorted, de-duplicated list. A pattern that matches nothing raises
-  ValueError naming it.
+  ValueError naming it. GENERATED sources write their file into `cache_dir`
+  (from `config`) and return it.
   """
   if not source or not source.strip():
     raise ValueError('data.source is empty; pass "stdlib" or a comma-separated '
                      "list of files / globs (e.g. 'corpus/**/*.jsonl')")
   if source.strip() == "stdlib":
     return stdlib_files()
+  if source.strip() in GENERATED:
+    if not cache_dir:
+      raise ValueError(f"data.source {source.strip()!r} is generated and needs a cache directory")
+    os.makedirs(cache_dir, exist_ok=True)
+    if source.strip() == "pydoc_topics":
+      return [write_pydoc_topics(cache_dir)]
+    from bipe_jax.tasks import arithmetic  # pylint: disable=g-import-not-at-top
+    return [arithmetic.write_train_file(config, cache_dir)]
   out = set()
   for pattern in (p.strip() for p in source.split(",")):
     if not pattern:
@@ -90,6 +99,44 @@ def _warn_skipped(pattern: str, skipped: list[str]) -> None:
       shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
       logging.warning("data.source pattern %r matches %d %s, skipped (%s): %s", pattern,
                       len(names), what[len(names) > 1], hint, shown)
+
+
+# Sources made on the fly into the data cache: "pydoc_topics" (the prose of
+# this Python's pydoc topic help, one document per topic) and "arithmetic"
+# (bipe_jax/tasks/arithmetic.py, from config.arithmetic).
+GENERATED = ("pydoc_topics", "arithmetic")
+
+
+def write_if_changed(path: str, text: str) -> str:
+  """Writes `text` to `path` atomically unless it already holds exactly that.
+
+  An unchanged file keeps its mtime, so the tokenized-corpus cache stays valid.
+  """
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      if f.read() == text:
+        return path
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+  return path
+
+
+def write_pydoc_topics(cache_dir: str) -> str:
+  """<cache_dir>/pydoc_topics.jsonl: {"topic", "text"} per pydoc help topic, sorted by topic.
+
+  The text is the reference manual's prose (about 0.46 MB in Python 3.11),
+  shipped with CPython as pydoc_data/topics.py.
+  """
+  try:
+    from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError("data.source 'pydoc_topics' needs the standard library's pydoc_data "
+                     "package, which this Python lacks (Debian: apt install "
+                     "libpython3-stdlib); choose another data.source") from None
+  lines = [json.dumps({"topic": k, "text": topics[k]}) for k in sorted(topics)]
+  return write_if_changed(os.path.join(cache_dir, "pydoc_topics.jsonl"), "\n".join(lines) + "\n")
 
 
 def detect_format(path: str, fmt: str = "auto") -> str:

@@ -1,0 +1,1 @@
+"""Synthetic tasks scored by generation (arithmetic chain of thought)."""
