@@ -1,0 +1,321 @@
+"""Cached decoding for every encoding kind: prefill a prompt, then one token at a time.
+
+    gen = Generator(model, PositionRule.from_config(config, tokenizer, table))
+    out = gen(params, prompts, max_new=64, sampling=Sampling(temperature=0.8, top_p=0.9))
+
+Prompts of different lengths share a batch by LEFT padding: row b's prompt of
+n_b tokens fills slots [P - n_b, P) of the cache, P the longest prompt (rounded
+up). Padding gets document id kv_cache.PAD_DOC, so no real token attends to it,
+and position ids restart at each row's first real token, so a row's logits do
+not depend on the padding in front of it. Every row then writes its next token
+at the same slot, one shared cache index.
+
+Position ids are produced on device, token by token, by `step_ids`: the rule of
+`positions.BilevelState` (intra/inter of the next token; a separator ends its
+segment) plus the pipeline's document restarts (a BOS token starts a new
+document when `data.packing` is not "windows"), vectorised over the batch.
+Tests check it against `positions.bilevel_ids` on whole rows.
+
+The model is called through its ordinary path (`Decoder(batch, cache=...)`):
+the prompt goes through the training attention kernels, the encoding rotates
+each new query and key by its own position (rotary kinds cache rotated keys)
+and biases are evaluated against the cached key positions (bias kinds). The
+loop is a jitted `lax.while_loop` of up to `chunk` tokens per call, so the
+caller can print text between calls (streaming) at no cost per token.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bipe_jax import sharding
+from bipe_jax.kv_cache import PAD_DOC, KVCache
+
+PROMPT_MULTIPLE = 16   # prompt slots round up to this, so few shapes compile
+CACHE_MULTIPLE = 64
+
+
+# Position ids, token by token ---------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PositionRule:
+  """How position ids follow from tokens (what the training pipeline did).
+
+  is_separator: bool [V]; max_intra: intra ids clip to max_intra - 1 (None:
+  no clip); bos_id: the token that starts a document; restart_docs: a BOS
+  restarts every counter (data.packing "documents"), else ids run on.
+  """
+  is_separator: np.ndarray
+  max_intra: int | None
+  bos_id: int
+  restart_docs: bool
+
+  @classmethod
+  def from_config(cls, config, tokenizer, is_separator) -> "PositionRule":
+    return cls(np.asarray(is_separator, bool), int(config.pe.max_intra), int(tokenizer.bos_id),
+               config.data.packing != "windows")
+
+
+@flax.struct.dataclass
+class IdState:
+  """Per row [B]: the ids the next token gets unless it starts a document.
+
+  intra (unclipped) / inter as positions.BilevelState; pos: flat index in the
+  document; doc: document id.
+  """
+  intra: jnp.ndarray
+  inter: jnp.ndarray
+  pos: jnp.ndarray
+  doc: jnp.ndarray
+
+  @classmethod
+  def start(cls, batch: int) -> "IdState":
+    z = jnp.zeros((batch,), jnp.int32)
+    return cls(z, z, z, z)
+
+
+def step_ids(state: IdState, tok_B, valid_B, is_sep_V, rule: PositionRule):
+  """Ids of one new token per row and the state after it.
+
+  Returns ({intra, inter, positions, doc_ids} of [B] int32, next state). A row
+  with valid False (padding, or already stopped) keeps its state and gets
+  document PAD_DOC.
+  """
+  new_doc = (tok_B == rule.bos_id) & rule.restart_docs
+  doc = state.doc + new_doc
+  fresh = lambda x: jnp.where(new_doc, 0, x)
+  intra, inter, pos = fresh(state.intra), fresh(state.inter), fresh(state.pos)
+  clipped = intra if rule.max_intra is None else jnp.minimum(intra, rule.max_intra - 1)
+  ids = dict(intra=clipped, inter=inter, positions=pos, doc_ids=jnp.where(valid_B, doc, PAD_DOC))
+  # positions.BilevelState.advance: a separator ends its segment.
+  sep = is_sep_V[tok_B]
+  nxt = IdState(jnp.where(sep, 0, intra + 1), inter + sep, pos + 1, doc)
+  nxt = jax.tree.map(lambda n, o: jnp.where(valid_B, n, o), nxt, state)
+  return jax.tree.map(lambda x: x.astype(jnp.int32), ids), nxt
+
+
+def row_ids(state: IdState, tokens_BT, valid_BT, is_sep_V, rule: PositionRule):
+  """`step_ids` over T tokens per row: ({name: [B, T] int32}, state after them)."""
+  def body(s, xs):
+    ids, s = step_ids(s, xs[0], xs[1], is_sep_V, rule)
+    return s, ids
+  state, ids = jax.lax.scan(body, state, (tokens_BT.T, valid_BT.T))
+  return {k: v.T for k, v in ids.items()}, state
+
+
+# Sampling -----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """temperature 0: greedy (argmax). Else softmax(logits / temperature) restricted
+  to the top_k most likely tokens (0: all) and to the smallest set whose
+  probability reaches top_p (1: all)."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if not self.temperature >= 0:
+      raise ValueError(f"temperature={self.temperature} must be >= 0 (0: greedy)")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k} must be >= 0 (0: no limit)")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+def sample(logits_BV, key, s: Sampling):
+  """[B] int32 tokens drawn from float32 logits [B, V]."""
+  if s.temperature == 0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV / s.temperature
+  if s.top_k and s.top_k < logits_BV.shape[-1]:
+    kth_B1 = jax.lax.top_k(logits_BV, s.top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if s.top_p < 1:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # Keep a token while the mass before it is below top_p (the first always).
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    n_keep_B = jnp.sum(before_BV < s.top_p, axis=-1)
+    cut_B1 = jnp.take_along_axis(sorted_BV, n_keep_B[:, None] - 1, axis=-1)
+    logits_BV = jnp.where(logits_BV < cut_B1, -jnp.inf, logits_BV)
+  return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+# The loop -----------------------------------------------------------------------
+
+@flax.struct.dataclass
+class Carry:
+  """Everything the decode loop carries between tokens and between calls."""
+  cache: KVCache
+  ids: IdState
+  logits_BV: jnp.ndarray     # next-token logits
+  done_B: jnp.ndarray        # row has produced a stop token
+  out_BN: jnp.ndarray        # generated tokens (pad after a stop)
+  n: jnp.ndarray             # tokens generated so far (all rows alike)
+  kept_BNV: jnp.ndarray | None = None   # logits each token was drawn from
+
+
+@dataclasses.dataclass
+class Output:
+  """tokens: per prompt, the generated ids (up to, not including, a stop token);
+  stopped: whether each row met a stop token; prefill_logits [B, P, V] and
+  logits [B, N, V] (with keep_logits; rows left-padded to P); timings in seconds."""
+  tokens: list
+  stopped: np.ndarray
+  prefill_tokens: int
+  decode_tokens: int
+  prefill_seconds: float
+  decode_seconds: float
+  compile_seconds: float
+  cache_bytes: int
+  prefill_logits: np.ndarray | None = None
+  logits: np.ndarray | None = None
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+class Generator:
+  """Cached decoding with a bipe_jax.model.Decoder.
+
+  mesh: run on this mesh (batch over its data axes, heads over `tensor`;
+  params should already lie there); `rules`: config.mesh.rules for the
+  cache's layout (sharding.rules(config)).
+  """
+
+  def __init__(self, model, rule: PositionRule, mesh=None, rules=None, pad_id: int = 0):
+    self.model, self.rule, self.mesh, self.rules = model, rule, mesh, rules
+    self.pad_id = int(pad_id)
+    self.table = jnp.asarray(rule.is_separator)
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "keep"))
+    self._decode = jax.jit(self._decode_fn, donate_argnums=1,
+                           static_argnames=("sampling", "stop", "chunk"))
+
+  # Jitted pieces ----------------------------------------------------------------
+
+  def _constrain(self, cache):
+    if self.mesh is None or self.rules is None:
+      return cache
+    shardings = sharding.logical_shardings(cache.logical_axes(), cache, self.mesh, self.rules)
+    return jax.lax.with_sharding_constraint(cache, shardings)
+
+  def _prefill_fn(self, params, tokens_BP, valid_BP, table, max_len: int, keep: int):
+    b = tokens_BP.shape[0]
+    ids, state = row_ids(IdState.start(b), tokens_BP, valid_BP, table, self.rule)
+    cache = self._constrain(KVCache.zeros(self.model.cfg, b, max_len))
+    logits_BPV, cache = self.model.apply({"params": params}, dict(tokens=tokens_BP, **ids),
+                                         cache=cache)
+    v = logits_BPV.shape[-1]
+    carry = Carry(cache=self._constrain(cache), ids=state, logits_BV=logits_BPV[:, -1],
+                  done_B=jnp.zeros((b,), bool), out_BN=jnp.full((b, max(keep, 1)), self.pad_id,
+                                                                 jnp.int32),
+                  n=jnp.zeros((), jnp.int32),
+                  kept_BNV=jnp.zeros((b, keep, v), jnp.float32) if keep else None)
+    return carry, logits_BPV if keep else None
+
+  def _decode_fn(self, params, carry: Carry, key, limit, forced_BN, sampling: Sampling,
+                 stop: tuple, chunk: int):
+    """Up to `chunk` more tokens, while n < limit and some row runs on."""
+    stop_S = jnp.asarray(stop if stop else (-1,), jnp.int32)
+    end = jnp.minimum(carry.n + chunk, limit)
+
+    def cond(c: Carry):
+      return (c.n < end) & ~jnp.all(c.done_B)
+
+    def body(c: Carry):
+      tok_B = sample(c.logits_BV, jax.random.fold_in(key, c.n), sampling)
+      if forced_BN is not None:
+        tok_B = forced_BN[:, c.n]
+      tok_B = jnp.where(c.done_B, self.pad_id, tok_B)
+      kept = None
+      if c.kept_BNV is not None:
+        kept = jax.lax.dynamic_update_index_in_dim(c.kept_BNV, c.logits_BV, c.n, 1)
+      ids, state = step_ids(c.ids, tok_B, ~c.done_B, table, self.rule)
+      batch = {k: v[:, None] for k, v in dict(tokens=tok_B, **ids).items()}
+      logits_B1V, cache = self.model.apply({"params": params}, batch, cache=c.cache)
+      return Carry(cache=cache, ids=state, logits_BV=logits_B1V[:, 0],
+                   done_B=c.done_B | jnp.isin(tok_B, stop_S),
+                   out_BN=jax.lax.dynamic_update_index_in_dim(c.out_BN, tok_B, c.n, 1),
+                   n=c.n + 1, kept_BNV=kept)
+
+    table = self.table
+    return jax.lax.while_loop(cond, body, carry)
+
+  # Host side --------------------------------------------------------------------
+
+  def layout(self, prompts: Sequence, max_new: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(tokens [B, P], valid [B, P], cache slots): prompts left-padded to P."""
+    if not len(prompts) or min(len(p) for p in prompts) < 1:
+      raise ValueError("every prompt needs at least one token")
+    p = _round_up(max(len(x) for x in prompts), PROMPT_MULTIPLE)
+    tokens = np.full((len(prompts), p), self.pad_id, np.int32)
+    valid = np.zeros((len(prompts), p), bool)
+    for i, x in enumerate(prompts):
+      tokens[i, p - len(x):] = np.asarray(x, np.int32)
+      valid[i, p - len(x):] = True
+    return tokens, valid, _round_up(p + max_new, CACHE_MULTIPLE)
+
+  def __call__(self, params, prompts: Sequence, max_new: int, sampling: Sampling = Sampling(),
+               seed: int = 0, stop_tokens: Sequence[int] = (), chunk: int = 0,
+               on_tokens: Callable | None = None, forced=None,
+               keep_logits: bool = False) -> Output:
+    """Continues each prompt (a sequence of token ids) by up to `max_new` tokens.
+
+    chunk: tokens per jitted call (0: all in one); on_tokens(new_BN) is called
+    after each call with the [B, n] tokens it produced (streaming).
+    forced: optional [B, max_new] ids placed instead of sampled ones (scoring
+    a given continuation). keep_logits: also return every logit (tests).
+    """
+    if max_new < 1:
+      raise ValueError(f"max_new={max_new} must be >= 1")
+    tokens, valid, max_len = self.layout(prompts, max_new)
+    chunk = chunk or max_new
+    key = jax.random.key(seed)
+    forced = None if forced is None else jnp.asarray(np.asarray(forced, np.int32))
+    stop = tuple(sorted({int(t) for t in stop_tokens}))
+    with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+      t0 = time.perf_counter()
+      args = (params, tokens, valid, self.table)
+      kw = dict(max_len=max_len, keep=max_new if keep_logits else 0)
+      lowered = self._prefill.lower(*args, **kw)
+      prefill, carry_shape = lowered.compile(), lowered.out_info[0]
+      decode = self._decode.lower(params, carry_shape, key, jnp.int32(0), forced, sampling=sampling,
+                                  stop=stop, chunk=chunk).compile()
+      compile_s = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      carry, prefill_logits = prefill(*args)
+      jax.block_until_ready(carry)
+      prefill_s = time.perf_counter() - t0
+      t0, n = time.perf_counter(), 0
+      while n < max_new:
+        carry = decode(params, carry, key, jnp.int32(max_new), forced)
+        new_n = int(carry.n)
+        if on_tokens is not None and new_n > n:
+          on_tokens(np.asarray(carry.out_BN[:, n:new_n]))
+        if new_n == n or new_n >= max_new or bool(np.all(carry.done_B)):
+          break
+        n = new_n
+      out = np.asarray(carry.out_BN)
+      decode_s = time.perf_counter() - t0
+    n = int(carry.n)
+    done = np.asarray(carry.done_B)
+    rows = []
+    for row in out[:, :n]:
+      hits = np.flatnonzero(np.isin(row, stop)) if stop else []
+      rows.append(row[:hits[0]] if len(hits) else row)
+    return Output(tokens=rows, stopped=done, prefill_tokens=int(valid.sum()),
+                  decode_tokens=n * len(prompts), prefill_seconds=prefill_s,
+                  decode_seconds=decode_s, compile_seconds=compile_s,
+                  cache_bytes=carry.cache.nbytes(),
+                  prefill_logits=np.asarray(prefill_logits) if keep_logits else None,
+                  logits=np.asarray(carry.kept_BNV)[:, :n] if keep_logits else None)
+
