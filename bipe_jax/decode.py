@@ -196,7 +196,7 @@ class Generator:
     self.model, self.rule, self.mesh, self.rules = model, rule, mesh, rules
     self.pad_id = int(pad_id)
     self.table = jnp.asarray(rule.is_separator)
-    self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "keep"))
+    self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "max_new", "keep"))
     self._decode = jax.jit(self._decode_fn, donate_argnums=1,
                            static_argnames=("sampling", "stop", "chunk"))
 
@@ -208,7 +208,8 @@ class Generator:
     shardings = sharding.logical_shardings(cache.logical_axes(), cache, self.mesh, self.rules)
     return jax.lax.with_sharding_constraint(cache, shardings)
 
-  def _prefill_fn(self, params, tokens_BP, valid_BP, table, max_len: int, keep: int):
+  def _prefill_fn(self, params, tokens_BP, valid_BP, table, max_len: int, max_new: int,
+                  keep: bool):
     b = tokens_BP.shape[0]
     ids, state = row_ids(IdState.start(b), tokens_BP, valid_BP, table, self.rule)
     cache = self._constrain(KVCache.zeros(self.model.cfg, b, max_len))
@@ -216,10 +217,10 @@ class Generator:
                                          cache=cache)
     v = logits_BPV.shape[-1]
     carry = Carry(cache=self._constrain(cache), ids=state, logits_BV=logits_BPV[:, -1],
-                  done_B=jnp.zeros((b,), bool), out_BN=jnp.full((b, max(keep, 1)), self.pad_id,
-                                                                 jnp.int32),
+                  done_B=jnp.zeros((b,), bool),
+                  out_BN=jnp.full((b, max_new), self.pad_id, jnp.int32),
                   n=jnp.zeros((), jnp.int32),
-                  kept_BNV=jnp.zeros((b, keep, v), jnp.float32) if keep else None)
+                  kept_BNV=jnp.zeros((b, max_new, v), jnp.float32) if keep else None)
     return carry, logits_BPV if keep else None
 
   def _decode_fn(self, params, carry: Carry, key, limit, forced_BN, sampling: Sampling,
@@ -285,7 +286,7 @@ class Generator:
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       t0 = time.perf_counter()
       args = (params, tokens, valid, self.table)
-      kw = dict(max_len=max_len, keep=max_new if keep_logits else 0)
+      kw = dict(max_len=max_len, max_new=max_new, keep=keep_logits)
       lowered = self._prefill.lower(*args, **kw)
       prefill, carry_shape = lowered.compile(), lowered.out_info[0]
       decode = self._decode.lower(params, carry_shape, key, jnp.int32(0), forced, sampling=sampling,
