@@ -34,6 +34,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from bipe_jax import sharding
 from bipe_jax.kv_cache import PAD_DOC, KVCache
@@ -167,7 +168,8 @@ class Carry:
 class Output:
   """tokens: per prompt, the generated ids (up to, not including, a stop token);
   stopped: whether each row met a stop token; prefill_logits [B, P, V] and
-  logits [B, N, V] (with keep_logits; rows left-padded to P); timings in seconds."""
+  logits [B, N, V] (with keep_logits; rows left-padded to P); timings in
+  seconds; cache: the KV cache after the last token."""
   tokens: list
   stopped: np.ndarray
   prefill_tokens: int
@@ -175,7 +177,7 @@ class Output:
   prefill_seconds: float
   decode_seconds: float
   compile_seconds: float
-  cache_bytes: int
+  cache: KVCache
   prefill_logits: np.ndarray | None = None
   logits: np.ndarray | None = None
 
@@ -202,26 +204,36 @@ class Generator:
 
   # Jitted pieces ----------------------------------------------------------------
 
-  def _constrain(self, cache):
+  def _constrain(self, tree, axes):
+    """`tree` laid out by logical `axes` (a matching tree of PartitionSpecs) on the mesh:
+    the loop's carry has one layout in and out of every call."""
     if self.mesh is None or self.rules is None:
-      return cache
-    shardings = sharding.logical_shardings(cache.logical_axes(), cache, self.mesh, self.rules)
-    return jax.lax.with_sharding_constraint(cache, shardings)
+      return tree
+    shardings = sharding.logical_shardings(axes, tree, self.mesh, self.rules)
+    return jax.lax.with_sharding_constraint(tree, shardings)
+
+  def _constrain_carry(self, c: Carry) -> Carry:
+    rows, rows2, rows3 = P("batch"), P("batch", None), P("batch", None, None)
+    axes = Carry(cache=c.cache.logical_axes(), ids=jax.tree.map(lambda _: rows, c.ids),
+                 logits_BV=rows2, done_B=rows, out_BN=rows2, n=P(),
+                 kept_BNV=None if c.kept_BNV is None else rows3)
+    return self._constrain(c, axes)
 
   def _prefill_fn(self, params, tokens_BP, valid_BP, table, max_len: int, max_new: int,
                   keep: bool):
     b = tokens_BP.shape[0]
     ids, state = row_ids(IdState.start(b), tokens_BP, valid_BP, table, self.rule)
-    cache = self._constrain(KVCache.zeros(self.model.cfg, b, max_len))
+    cache = KVCache.zeros(self.model.cfg, b, max_len)
+    cache = self._constrain(cache, cache.logical_axes())
     logits_BPV, cache = self.model.apply({"params": params}, dict(tokens=tokens_BP, **ids),
                                          cache=cache)
     v = logits_BPV.shape[-1]
-    carry = Carry(cache=self._constrain(cache), ids=state, logits_BV=logits_BPV[:, -1],
+    carry = Carry(cache=cache, ids=state, logits_BV=logits_BPV[:, -1],
                   done_B=jnp.zeros((b,), bool),
                   out_BN=jnp.full((b, max_new), self.pad_id, jnp.int32),
                   n=jnp.zeros((), jnp.int32),
                   kept_BNV=jnp.zeros((b, max_new, v), jnp.float32) if keep else None)
-    return carry, logits_BPV if keep else None
+    return self._constrain_carry(carry), logits_BPV if keep else None
 
   def _decode_fn(self, params, carry: Carry, key, limit, forced_BN, sampling: Sampling,
                  stop: tuple, chunk: int):
@@ -249,7 +261,7 @@ class Generator:
                    n=c.n + 1, kept_BNV=kept)
 
     table = self.table
-    return jax.lax.while_loop(cond, body, carry)
+    return self._constrain_carry(jax.lax.while_loop(cond, body, carry))
 
   # Host side --------------------------------------------------------------------
 
@@ -316,7 +328,7 @@ class Generator:
     return Output(tokens=rows, stopped=done, prefill_tokens=int(valid.sum()),
                   decode_tokens=n * len(prompts), prefill_seconds=prefill_s,
                   decode_seconds=decode_s, compile_seconds=compile_s,
-                  cache_bytes=carry.cache.nbytes(),
+                  cache=carry.cache,
                   prefill_logits=np.asarray(prefill_logits) if keep_logits else None,
                   logits=np.asarray(carry.kept_BNV)[:, :n] if keep_logits else None)
 

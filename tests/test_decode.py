@@ -5,6 +5,11 @@ pass over the same tokens, with ids from the pipeline's numpy functions, for
 left-padded prompts crossing segment and document boundaries and running past
 the training length. Then sampling, batching and stop tokens.
 """
+import json
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -13,6 +18,7 @@ import pytest
 from bipe_jax import decode, encodings, positions
 from bipe_jax.model import Decoder, ModelConfig
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 V, BOS = 23, 1
 SEPS = (3, 7, 11)
 MAX_INTRA, TRAIN_LEN = 6, 16
@@ -178,3 +184,22 @@ def test_stop_tokens_end_a_row_and_the_rest_go_on():
   hits = np.flatnonzero(free.tokens[1] == stop)
   np.testing.assert_array_equal(out.tokens[1], free.tokens[1][:hits[0]] if len(hits)
                                 else free.tokens[1])
+
+
+def test_on_eight_devices(tmp_path):
+  """Mesh data=2, tensor=4 in a subprocess: logits equal one device's full forward,
+  parameters and the KV cache split over batch rows and heads."""
+  out = tmp_path / "multi.json"
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "decode_multidevice.py"), str(out)],
+                        capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                            [os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["devices"] == 8
+  for kind in ("bipe_rope", "bipe_alibi", "bipe_fire", "xpos"):
+    r = result[kind]
+    assert r["max_abs_err"] < 2e-5, (kind, r)
+    assert r["q_shard"] == [32, 1, 8], r          # heads 4 over tensor=4
+    b, s, k, d = r["k_cache"]
+    assert r["k_cache_shard"] == [b // 2, s, k // 4, d], r
