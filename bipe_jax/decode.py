@@ -197,10 +197,19 @@ class Generator:
   def __init__(self, model, rule: PositionRule, mesh=None, rules=None, pad_id: int = 0):
     self.model, self.rule, self.mesh, self.rules = model, rule, mesh, rules
     self.pad_id = int(pad_id)
+    # Rows are padded to a multiple of the data-parallel size, so they split evenly.
+    self.dp = 1 if mesh is None or rules is None else sharding.data_parallel_size(
+        dict(mesh.shape), rules)
     self.table = jnp.asarray(rule.is_separator)
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "max_new", "keep"))
     self._decode = jax.jit(self._decode_fn, donate_argnums=1,
                            static_argnames=("sampling", "stop", "chunk"))
+
+  @classmethod
+  def for_trainer(cls, trainer, tokenizer, is_separator) -> "Generator":
+    """A Generator for a bipe_jax.trainer.Trainer's model, on its mesh."""
+    return cls(trainer.model, PositionRule.from_config(trainer.config, tokenizer, is_separator),
+               trainer.mesh, trainer.rules, tokenizer.pad_id)
 
   # Jitted pieces ----------------------------------------------------------------
 
@@ -290,6 +299,10 @@ class Generator:
     """
     if max_new < 1:
       raise ValueError(f"max_new={max_new} must be >= 1")
+    n_rows = len(prompts)
+    prompts = list(prompts) + [[self.pad_id]] * (-n_rows % self.dp)
+    if forced is not None and len(forced) < len(prompts):
+      forced = np.concatenate([forced, np.zeros((len(prompts) - n_rows, max_new), int)])
     tokens, valid, max_len = self.layout(prompts, max_new)
     chunk = chunk or max_new
     key = jax.random.key(seed)
@@ -313,22 +326,22 @@ class Generator:
         carry = decode(params, carry, key, jnp.int32(max_new), forced)
         new_n = int(carry.n)
         if on_tokens is not None and new_n > n:
-          on_tokens(np.asarray(carry.out_BN[:, n:new_n]))
+          on_tokens(np.asarray(carry.out_BN[:n_rows, n:new_n]))
         if new_n == n or new_n >= max_new or bool(np.all(carry.done_B)):
           break
         n = new_n
       out = np.asarray(carry.out_BN)
       decode_s = time.perf_counter() - t0
     n = int(carry.n)
-    done = np.asarray(carry.done_B)
+    done = np.asarray(carry.done_B)[:n_rows]
     rows = []
-    for row in out[:, :n]:
+    for row in out[:n_rows, :n]:
       hits = np.flatnonzero(np.isin(row, stop)) if stop else []
       rows.append(row[:hits[0]] if len(hits) else row)
-    return Output(tokens=rows, stopped=done, prefill_tokens=int(valid.sum()),
-                  decode_tokens=n * len(prompts), prefill_seconds=prefill_s,
+    return Output(tokens=rows, stopped=done, prefill_tokens=int(valid[:n_rows].sum()),
+                  decode_tokens=n * n_rows, prefill_seconds=prefill_s,
                   decode_seconds=decode_s, compile_seconds=compile_s,
                   cache=carry.cache,
-                  prefill_logits=np.asarray(prefill_logits) if keep_logits else None,
-                  logits=np.asarray(carry.kept_BNV)[:, :n] if keep_logits else None)
+                  prefill_logits=np.asarray(prefill_logits)[:n_rows] if keep_logits else None,
+                  logits=np.asarray(carry.kept_BNV)[:n_rows, :n] if keep_logits else None)
 
