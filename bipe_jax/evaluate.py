@@ -116,10 +116,7 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
     digest = hashlib.sha1(source.encode()).hexdigest()[:10]
     config.data.source = source
     config.data.cache_dir = os.path.join(workdir, "data_eval", digest)
-  if mesh:
-    config.mesh.shape, config.mesh.dcn_shape = mesh, ""
-  elif not _mesh_fits(config):
-    config.mesh.shape, config.mesh.dcn_shape = "data=-1", ""
+  choose_mesh(config, mesh)
   if lengths:
     config.eval.lengths = tuple(lengths)
   config_lib.validate(config)
@@ -156,6 +153,15 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
     eval_modes.plot(result, workdir)
     print(f"wrote {os.path.join(workdir, 'eval.json')} and {os.path.join(workdir, 'eval.png')}")
   return result
+
+
+def choose_mesh(config, mesh: str | None) -> None:
+  """Sets config.mesh to `mesh` (e.g. "data=2,tensor=4") if given, else keeps the
+  training mesh when it fits the devices here, else puts all devices along data."""
+  if mesh:
+    config.mesh.shape, config.mesh.dcn_shape = mesh, ""
+  elif not _mesh_fits(config):
+    config.mesh.shape, config.mesh.dcn_shape = "data=-1", ""
 
 
 def _mesh_fits(config) -> bool:
