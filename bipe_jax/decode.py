@@ -176,7 +176,7 @@ class Output:
   decode_tokens: int
   prefill_seconds: float
   decode_seconds: float
-  compile_seconds: float
+  compile_seconds: float   # about 0 when an earlier call compiled these shapes
   cache: KVCache
   prefill_logits: np.ndarray | None = None
   logits: np.ndarray | None = None
@@ -201,6 +201,7 @@ class Generator:
     self.dp = 1 if mesh is None or rules is None else sharding.data_parallel_size(
         dict(mesh.shape), rules)
     self.table = jnp.asarray(rule.is_separator)
+    self._cache = {}
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "max_new", "keep"))
     self._decode = jax.jit(self._decode_fn, donate_argnums=1,
                            static_argnames=("sampling", "stop", "chunk"))
@@ -272,6 +273,19 @@ class Generator:
     table = self.table
     return self._constrain_carry(jax.lax.while_loop(cond, body, carry))
 
+  def _compiled(self, args, forced, key, prefill_kw: dict, decode_kw: dict):
+    """(prefill, decode) executables for these shapes and settings, compiled once."""
+    params = args[0]
+    sig = (tuple((x.shape, str(getattr(x, "sharding", ""))) for x in jax.tree.leaves(params)),
+           args[1].shape, None if forced is None else forced.shape,
+           tuple(sorted(prefill_kw.items())), tuple(sorted(decode_kw.items())))
+    if sig not in self._cache:
+      lowered = self._prefill.lower(*args, **prefill_kw)
+      carry = lowered.out_info[0]
+      decode = self._decode.lower(params, carry, key, jnp.int32(0), forced, **decode_kw)
+      self._cache[sig] = (lowered.compile(), decode.compile())
+    return self._cache[sig]
+
   # Host side --------------------------------------------------------------------
 
   def layout(self, prompts: Sequence, max_new: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -311,11 +325,9 @@ class Generator:
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       t0 = time.perf_counter()
       args = (params, tokens, valid, self.table)
-      kw = dict(max_len=max_len, max_new=max_new, keep=keep_logits)
-      lowered = self._prefill.lower(*args, **kw)
-      prefill, carry_shape = lowered.compile(), lowered.out_info[0]
-      decode = self._decode.lower(params, carry_shape, key, jnp.int32(0), forced, sampling=sampling,
-                                  stop=stop, chunk=chunk).compile()
+      prefill, decode = self._compiled(args, forced, key, dict(
+          max_len=max_len, max_new=max_new, keep=keep_logits), dict(
+              sampling=sampling, stop=stop, chunk=chunk))
       compile_s = time.perf_counter() - t0
       t0 = time.perf_counter()
       carry, prefill_logits = prefill(*args)

