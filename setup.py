@@ -34,6 +34,7 @@ setup(
             "bipe-eval=bipe_jax.evaluate:run",
             "bipe-convert=bipe_jax.convert:run",
             "bipe-compare=bipe_jax.compare:run",
+            "bipe-generate=bipe_jax.generate:run",
         ],
     },
 )

@@ -10,7 +10,8 @@ mesh when it fits the devices here, else all devices along `data`.
 
 Held-out documents are concatenated and cut into non-overlapping blocks of each
 length (remainder dropped), as in the paper. Prints a table; writes
-<workdir>/eval.json and <workdir>/eval.png.
+<workdir>/eval.json and <workdir>/eval.png. `--task=passkey` runs passkey
+retrieval instead (bipe_jax/tasks/passkey.py): passkey.json and passkey.png.
 """
 from __future__ import annotations
 
@@ -116,10 +117,7 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
     digest = hashlib.sha1(source.encode()).hexdigest()[:10]
     config.data.source = source
     config.data.cache_dir = os.path.join(workdir, "data_eval", digest)
-  if mesh:
-    config.mesh.shape, config.mesh.dcn_shape = mesh, ""
-  elif not _mesh_fits(config):
-    config.mesh.shape, config.mesh.dcn_shape = "data=-1", ""
+  choose_mesh(config, mesh)
   if lengths:
     config.eval.lengths = tuple(lengths)
   config_lib.validate(config)
@@ -156,6 +154,15 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
     eval_modes.plot(result, workdir)
     print(f"wrote {os.path.join(workdir, 'eval.json')} and {os.path.join(workdir, 'eval.png')}")
   return result
+
+
+def choose_mesh(config, mesh: str | None) -> None:
+  """Sets config.mesh to `mesh` (e.g. "data=2,tensor=4") if given, else keeps the
+  training mesh when it fits the devices here, else puts all devices along data."""
+  if mesh:
+    config.mesh.shape, config.mesh.dcn_shape = mesh, ""
+  elif not _mesh_fits(config):
+    config.mesh.shape, config.mesh.dcn_shape = "data=-1", ""
 
 
 def _mesh_fits(config) -> bool:
@@ -207,6 +214,13 @@ def define_flags() -> None:
                       "instead of the training config's data.source.")
   flags.DEFINE_string("mesh", None, "Mesh to evaluate on, e.g. data=2,tensor=4 (default: the "
                       "training mesh if it fits the devices here, else all along data).")
+  flags.DEFINE_enum("task", "perplexity", ["perplexity", "passkey"], "perplexity by "
+                    "length (arithmetic runs: accuracy by operators), or passkey retrieval "
+                    "(bipe_jax/tasks/passkey.py; --lengths default 1x..16x data.seq_len).")
+  flags.DEFINE_list("passkey_depths", ["0", "0.25", "0.5", "0.75", "1"],
+                    "--task=passkey: depths of the key in the prompt, in [0, 1].")
+  flags.DEFINE_integer("passkey_trials", 5, "--task=passkey: prompts per length and depth.")
+  flags.DEFINE_integer("passkey_digits", 5, "--task=passkey: digits of the key.")
   eval_modes.define_flags()
   sharding.define_flags()
 
@@ -237,8 +251,30 @@ def main(overrides) -> None:
     items = lengths.strip("()[] ").split(",") if isinstance(lengths, str) else lengths
     lengths = cli.positive_ints(named["lengths"], items, "128,256,512")
   sharding.initialize_from_flags()
+  if f.task == "passkey":
+    _passkey(f, lengths, given, rest)
+    return
   evaluate(f.workdir, f.step, lengths, given["mesh"], f.hf_checkpoint, given["source"], rest,
            f.stride, f.per_position)
+
+
+def _passkey(f, lengths, given, overrides) -> None:
+  from bipe_jax.tasks import passkey  # pylint: disable=g-import-not-at-top
+  if given["source"]:
+    raise config_lib.ConfigError("--source does not apply to --task=passkey (its prompts "
+                                 "are built from a fixed filler text)")
+  try:
+    depths = tuple(float(d) for d in f.passkey_depths)
+  except ValueError:
+    depths = ()
+  if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+    raise config_lib.ConfigError(f"--passkey_depths={','.join(f.passkey_depths)!r} must be "
+                                 "numbers in [0, 1], e.g. --passkey_depths=0,0.5,1")
+  for name in ("passkey_trials", "passkey_digits"):
+    if f[name].value < 1:
+      raise config_lib.ConfigError(f"--{name}={f[name].value} must be >= 1")
+  passkey.evaluate_run(f.workdir, f.hf_checkpoint, f.step, given["mesh"], overrides, lengths,
+                       depths, f.passkey_trials, f.passkey_digits)
 
 
 def run(argv=None) -> None:

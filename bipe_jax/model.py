@@ -133,7 +133,9 @@ class Attention(nn.Module):
   rules: Any = None
 
   @nn.compact
-  def __call__(self, x_BLD, batch, pos_BL):
+  def __call__(self, x_BLD, batch, pos_BL, kv=None):
+    """kv: this layer's view of a kv_cache.KVCache (cached decoding), or None.
+    With kv it returns (output, kv with the new keys and values written)."""
     c = self.cfg
     dense = lambda n, feats, axes: nn.DenseGeneral(
         feats, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
@@ -142,15 +144,27 @@ class Attention(nn.Module):
     k_BLKD = dense("k", (c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))(x_BLD)
     v_BLKD = dense("v", (c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))(x_BLD)
     q_BLHD, k_BLKD, bias = encodings.RelativeEncoding(
-        c.encoding, c.pe_params, c.n_heads, c.param_dtype, name="pe")(q_BLHD, k_BLKD, pos_BL)
-    kernel = attn_lib.get(c.attention_impl, block_q=c.attention_block_q,
-                          block_k=c.attention_block_k)
-    out_BLHD = kernel(q_BLHD, k_BLKD, v_BLKD, q_doc_BT=batch["doc_ids"],
-                      k_doc_BS=batch["doc_ids"], bias=bias)
+        c.encoding, c.pe_params, c.n_heads, c.param_dtype, span=kv.max_len if kv else 0,
+        name="pe")(q_BLHD, k_BLKD, pos_BL)
+    impl = c.attention_impl
+    if kv is not None:
+      kv = kv.write(k_BLKD, v_BLKD)
+      # A step attending to the cache has other keys than queries (cuDNN cannot).
+      impl = "auto" if impl == "cudnn" and not kv.empty else impl
+    kernel = attn_lib.get(impl, block_q=c.attention_block_q, block_k=c.attention_block_k)
+    if kv is None or kv.empty:
+      # Training, evaluation, and a prompt into an empty cache: self-attention.
+      out_BLHD = kernel(q_BLHD, k_BLKD, v_BLKD, q_doc_BT=batch["doc_ids"],
+                        k_doc_BS=batch["doc_ids"], bias=bias)
+    else:
+      out_BLHD = kernel(q_BLHD, kv.k_BSKD, kv.v_BSKD, q_doc_BT=batch["doc_ids"],
+                        k_doc_BS=kv.doc_BS, q_offset=kv.index,
+                        bias=None if bias is None else bias.with_keys(kv.pos_BS))
     out_BLHD = _constrain(out_BLHD, self.rules, "batch", "length", "heads", "head_dim")
-    return nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=c.dtype,
-                           param_dtype=c.param_dtype, name="o",
-                           kernel_init=_init(c.init_std, "heads", "head_dim", "embed"))(out_BLHD)
+    out_BLD = nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=c.dtype,
+                              param_dtype=c.param_dtype, name="o",
+                              kernel_init=_init(c.init_std, "heads", "head_dim", "embed"))(out_BLHD)
+    return out_BLD if kv is None else (out_BLD, kv)
 
 
 class MLP(nn.Module):
@@ -179,13 +193,17 @@ class Block(nn.Module):
   rules: Any = None
 
   @nn.compact
-  def __call__(self, x_BLD, batch, pos_BL):
+  def __call__(self, x_BLD, batch, pos_BL, kv=None):
     c = self.cfg
     h_BLD = RMSNorm(c.norm_eps, c.param_dtype, name="attn_norm")(x_BLD)
-    x_BLD = x_BLD + Attention(c, self.rules, name="attn")(h_BLD, batch, pos_BL)
+    attn = Attention(c, self.rules, name="attn")(h_BLD, batch, pos_BL, kv)
+    if kv is not None:
+      attn, kv = attn
+    x_BLD = x_BLD + attn
     h_BLD = RMSNorm(c.norm_eps, c.param_dtype, name="mlp_norm")(x_BLD)
     x_BLD = x_BLD + MLP(c, self.rules, name="mlp")(h_BLD)
-    return _constrain(x_BLD, self.rules, "batch", "length", "embed")
+    x_BLD = _constrain(x_BLD, self.rules, "batch", "length", "embed")
+    return x_BLD if kv is None else (x_BLD, kv)
 
 
 class Decoder(nn.Module):
@@ -194,6 +212,11 @@ class Decoder(nn.Module):
   The batch needs tokens, positions, doc_ids, and intra/inter for bilevel
   kinds (all [B, L] int). `train=True` is passed by the train step together
   with an rng stream named "positions" (randomized kinds draw from it).
+
+  cache: a kv_cache.KVCache for cached decoding (bipe_jax.decode): the batch
+  holds the next L tokens of each row (the prompt, then one at a time); they
+  are written at the cache's index and attend to everything written before.
+  Returns (logits, the cache after them) then.
 
   activation_rules: logical axis -> mesh axes (`bipe_jax.sharding.rules`)
   pinning activation layouts under a mesh; None leaves them to the compiler.
@@ -205,7 +228,7 @@ class Decoder(nn.Module):
   activation_rules: Any = None
 
   @nn.compact
-  def __call__(self, batch, train: bool = False):
+  def __call__(self, batch, train: bool = False, cache=None):
     c = self.cfg
     enc = c.encoding
     embed = self.param("embed", _init(c.init_std, "vocab", "embed"),
@@ -220,15 +243,26 @@ class Decoder(nn.Module):
     pos_BL = encodings.attention_positions(enc, c.pe_params, batch, train, key)
     rules = self.activation_rules
     x_BLD = _constrain(x_BLD, rules, "batch", "length", "embed")
-    block = Block if c.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[c.remat])
+    if cache is not None:
+      cache = cache.add_slots(pos_BL, batch["doc_ids"])
+      layers = []
+    block = (Block if c.remat == "none" or cache is not None
+             else nn.remat(Block, policy=REMAT_POLICIES[c.remat]))
     for i in range(c.n_layers):
-      x_BLD = block(c, rules, name=f"layer_{i}")(x_BLD, batch, pos_BL)
+      if cache is None:
+        x_BLD = block(c, rules, name=f"layer_{i}")(x_BLD, batch, pos_BL)
+      else:
+        x_BLD, kv = block(c, rules, name=f"layer_{i}")(x_BLD, batch, pos_BL, cache.layer(i))
+        layers.append(kv)
     x_BLD = RMSNorm(c.norm_eps, c.param_dtype, name="final_norm")(x_BLD)
     head = self.param("lm_head", _init(c.init_std, "embed", "vocab"),
                       (c.d_model, c.vocab_size), c.param_dtype)
     logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, head.astype(c.dtype),
                             preferred_element_type=jnp.float32)
-    return _constrain(logits_BLV, rules, "batch", "length", "vocab")
+    logits_BLV = _constrain(logits_BLV, rules, "batch", "length", "vocab")
+    if cache is None:
+      return logits_BLV
+    return logits_BLV, cache.advance(layers, x_BLD.shape[1])
 
 
 def loss_fn(logits_BLV, targets_BL, loss_mask_BL):

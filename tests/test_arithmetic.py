@@ -7,12 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from bipe_jax import positions
+from bipe_jax import decode, positions
 from bipe_jax.data import pipeline, sources
 from bipe_jax.data.tokenizer import train_tokenizer
 from bipe_jax.model import Decoder, ModelConfig
 from bipe_jax.tasks import arithmetic as A
-from bipe_jax.tasks import generate
 from configs import arithmetic_bipe_rope
 
 
@@ -152,17 +151,6 @@ def test_each_step_is_one_segment(tmp_path):
     assert list(tok.encode(question)) == list(ids[:len(tok.encode(question))])
 
 
-def test_bilevel_ids_jnp_match_pipeline():
-  rng = np.random.default_rng(0)
-  table = rng.random(50) < 0.2
-  tokens = rng.integers(0, 50, size=(3, 40)).astype(np.int32)
-  for max_intra in (None, 4):
-    intra, inter = positions.bilevel_ids(tokens, table, max_intra)
-    got = generate.bilevel_ids_jnp(jax.numpy.asarray(tokens), jax.numpy.asarray(table), max_intra)
-    np.testing.assert_array_equal(np.asarray(got[0]), intra)
-    np.testing.assert_array_equal(np.asarray(got[1]), inter)
-
-
 def test_greedy_matches_token_by_token_argmax():
   cfg = ModelConfig(vocab_size=23, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=64,
                     pe_kind="bipe_rope", max_intra=16, max_positions=64)
@@ -173,8 +161,9 @@ def test_greedy_matches_token_by_token_argmax():
   params = model.init(jax.random.key(1), dict(tokens=z, intra=z, inter=z, positions=z,
                                               doc_ids=z))["params"]
   prompts = [np.array([1, 5, 3, 9]), np.array([1, 7, 2, 2, 4, 8, 3])]
-  max_new = generate.CHUNK + 5  # crosses a chunk boundary
-  got = generate.greedy(model, params, prompts, max_new, table, cfg.max_intra)
+  max_new = 37
+  rule = decode.PositionRule(table, cfg.max_intra, 1, restart_docs=False)
+  got = decode.Generator(model, rule)(params, prompts, max_new, chunk=16).tokens
   # Reference: one row at a time, one forward per token on a fixed-width buffer
   # (one compilation; the causal model ignores what lies after the last token).
   width = 7 + max_new

@@ -180,13 +180,46 @@ def test_quiet_progress_then_eval_overrides_and_real_entry_points(tmp_path):
   assert sum(bool(_ABSL_INFO.match(l)) for l in proc.stderr.splitlines()) > 5
   assert json.load(open(os.path.join(workdir, "eval.json")))["results"][0]["tokens"] == 96
 
+  # bipe-generate streams a continuation of the prompt, then prefill and decode rates.
+  proc = subprocess.run([sys.executable, "-m", "bipe_jax.generate", f"--workdir={workdir}",
+                         "--prompt=def main(", "--max_new_tokens=12", "--chunk=5",
+                         "--stop_at_bos=false"],
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert lines[0].startswith("def main(") and len(lines[0]) > len("def main("), proc.stdout
+  assert re.match(r"prefill: \d+ tokens in .*tokens/s\); decode: 12 tokens in .*tokens/s\)",
+                  lines[-1]), lines[-1]
+  assert len(proc.stderr.splitlines()) <= 2, proc.stderr[-3000:]
+
   for args in (["bipe_jax.evaluate", f"--workdir={workdir}", "--lengths=0"],
+               ["bipe_jax.generate", f"--workdir={workdir}", "--prompt=x", "--stop_ids=99999"],
                ["bipe_jax.train", *cli_args(c), f"--workdir={workdir}",
                 "--config.train.steps=abc"]):
     proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_bad_generate_command_lines_exit_2_naming_the_flag(tmp_path):
+  work = tmp_path / "work"
+  os.makedirs(work)
+  (work / "config.json").write_text(tiny_config().to_json())
+  w, p = f"--workdir={work}", "--prompt=def"
+  cases = [([p], "--workdir"), ([w], "--prompt"), ([w, "--prompt="], "--prompt"),
+           ([w, p, "--max_new_tokens=0"], "--max_new_tokens"),
+           ([w, p, "--chunk=0"], "--chunk"),
+           ([w, p, "--temperature=-1"], "temperature"), ([w, p, "--top_p=0"], "top_p"),
+           ([w, p, "--top_p=1.5"], "top_p"), ([w, p, "--top_k=-2"], "top_k"),
+           ([w, p, "--stop_ids=a"], "--stop_ids"), ([w, p, "--step=-1"], "--step"),
+           ([w, p, "--mesh=data=3"], "mesh"), ([w, p, "--config.nope.x=1"], "nope.x"),
+           ([w, p, "--temperature=hot"], "temperature"),
+           ([w, p], f"{work}/data/tokenizer.model"),
+           ([p, f"--hf_checkpoint={tmp_path}/nonexistent"], f"{tmp_path}/nonexistent"),
+           ([f"--workdir={tmp_path}/nonexistent", p], f"{tmp_path}/nonexistent/config.json"),
+           ([w, p, "extra"], "extra")]
+  _assert_one_named_error(_drive("bipe_jax.generate", cases, tmp_path), cases)
 
 
 def test_overrides_give_the_config_built_in_python():

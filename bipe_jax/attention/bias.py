@@ -30,6 +30,11 @@ class PositionBias:
   def block(self, q_pos_Bt, k_pos_Bs):
     raise NotImplementedError
 
+  def with_keys(self, k_pos_BS) -> PositionBias:
+    """The same bias against other keys at positions k_pos_BS [B, S] (cached
+    decoding: a step's queries against every cached key)."""
+    return dataclasses.replace(self, k_pos_BS=k_pos_BS)
+
   def full(self):
     """[B, H, T, S] float32, for the dense reference kernel."""
     return self.block(self.q_pos_BT, self.k_pos_BS)

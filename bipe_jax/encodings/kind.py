@@ -54,6 +54,13 @@ class Relative:
     del p, pos_BL
     return q_BLHD, k_BLKD
 
+  def rotate_span(self, p, q_BLHD, k_BLKD, pos_BL, span: int):
+    """`rotate` for L tokens that are a piece of a sequence of `span` tokens
+    (cached decoding): the result must not depend on L. Override when
+    `rotate` reads L (xPos centres its scale on it)."""
+    del span
+    return self.rotate(p, q_BLHD, k_BLKD, pos_BL)
+
   def bias(self, p, pos_BL, n_heads: int, param_dtype: str):
     """A PositionBias, or None. Runs inside the attention layer's Linen module,
     so it may create submodules that own parameters."""

@@ -63,16 +63,24 @@ class RelativeEncoding(nn.Module):
   q [B, L, H, D], k [B, L, K, D], pos [B, L] int. Returns q and k rotated (or
   unchanged) and the kind's bias object for the kernel (an
   attention.PositionBias) or None.
+
+  span: 0 when the L tokens are the whole sequence; else the length of the
+  sequence they are a piece of (cached decoding: the cache's slots), so that
+  q and k are transformed alike whichever piece they arrive in.
   """
   enc: Encoding
   params: Any
   n_heads: int
   param_dtype: str = "float32"
+  span: int = 0
 
   @nn.compact
   def __call__(self, q_BLHD, k_BLKD, pos_BL):
     rel = self.enc.relative
     if rel is None:
       return q_BLHD, k_BLKD, None
-    q_BLHD, k_BLKD = rel.rotate(self.params, q_BLHD, k_BLKD, pos_BL)
+    if self.span:
+      q_BLHD, k_BLKD = rel.rotate_span(self.params, q_BLHD, k_BLKD, pos_BL, self.span)
+    else:
+      q_BLHD, k_BLKD = rel.rotate(self.params, q_BLHD, k_BLKD, pos_BL)
     return q_BLHD, k_BLKD, rel.bias(self.params, pos_BL, self.n_heads, self.param_dtype)

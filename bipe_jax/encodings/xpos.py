@@ -53,6 +53,10 @@ class XposRelative(RopeRelative):
   params_cls = XposParams
 
   def rotate(self, p, q_BLHD, k_BLKD, pos_BL):
-    kw = dict(base=p.rope_base, scale_base=p.xpos_scale_base, center=q_BLHD.shape[1] // 2)
+    return self.rotate_span(p, q_BLHD, k_BLKD, pos_BL, q_BLHD.shape[1])
+
+  def rotate_span(self, p, q_BLHD, k_BLKD, pos_BL, span: int):
+    # The centre cancels in the score; a piece of a sequence centres on the whole.
+    kw = dict(base=p.rope_base, scale_base=p.xpos_scale_base, center=span // 2)
     return (apply_xpos(q_BLHD, pos_BL, key=False, **kw),
             apply_xpos(k_BLKD, pos_BL, key=True, **kw))

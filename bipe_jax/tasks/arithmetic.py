@@ -193,9 +193,11 @@ def score(generated: str, steps: list[str]) -> tuple[bool, bool]:
   return lines[-1] == truth[-1], lines == truth
 
 
-def accuracy(model, params, tokenizer, is_separator, config, log=print) -> list[dict]:
-  """[{n, examples, answer_acc, chain_acc, seconds}] by greedy generation, n = 1..test_max_ops."""
-  from bipe_jax.tasks import generate  # pylint: disable=g-import-not-at-top
+def accuracy(generator, params, tokenizer, config, log=print) -> list[dict]:
+  """[{n, examples, answer_acc, chain_acc, seconds}] by greedy generation, n = 1..test_max_ops.
+
+  generator: a bipe_jax.decode.Generator for the model (cached decoding).
+  """
   rows = []
   for n, examples in test_examples(config).items():
     t0 = time.time()
@@ -204,8 +206,7 @@ def accuracy(model, params, tokenizer, is_separator, config, log=print) -> list[
     want = max(len(tokenizer.encode("".join(f"={s}\n" for s in steps)))
                for _, steps in examples)
     # Room for a chain somewhat longer than the true one (a wrong but complete answer).
-    outs = generate.greedy(model, params, prompts, want + want // 2 + 4, is_separator,
-                           config.pe.max_intra, tokenizer.pad_id)
+    outs = generator(params, prompts, want + want // 2 + 4).tokens
     marks = [score(tokenizer.decode(o), steps) for o, (_, steps) in zip(outs, examples)]
     rows.append(dict(n=n, examples=len(examples),
                      answer_acc=float(np.mean([m[0] for m in marks])),
@@ -246,10 +247,12 @@ def plot(rows: list[dict], train_max_ops: int, label: str, path: str) -> None:
 def evaluate_run(trainer, params, config, corpus, workdir: str, step: int) -> dict:
   """bipe-eval on an arithmetic run: accuracy by n into <workdir>/eval.json and eval.png."""
   import jax  # pylint: disable=g-import-not-at-top
+  from bipe_jax import decode  # pylint: disable=g-import-not-at-top
   a = config.arithmetic
   print(f"arithmetic accuracy of step {step} of {workdir} (pe.kind={config.pe.kind}, "
         f"trained on 1..{a.train_max_ops} operators, modulo {a.modulus})", flush=True)
-  rows = accuracy(trainer.model, params, corpus.tokenizer, corpus.is_separator, config)
+  generator = decode.Generator.for_trainer(trainer, corpus.tokenizer, corpus.is_separator)
+  rows = accuracy(generator, params, corpus.tokenizer, config)
   result = dict(workdir=os.path.abspath(workdir), step=step, pe_kind=config.pe.kind,
                 task="arithmetic", train_length=config.data.seq_len,
                 train_max_ops=int(a.train_max_ops), modulus=int(a.modulus), arithmetic=rows)
