@@ -101,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
   # none | full (save nothing) | dots (keep matmul outputs) | dots_no_batch
   # (keep only weight-stationary matmuls, the usual choice on TPU).
   c.train.remat = "none"
+  # A work dir whose latest checkpoint's parameters start this run (fresh
+  # optimizer, step 0; see bipe_jax/warm_start.py); "" = random init.
+  c.train.init_from = ""
 
   # Device mesh (bipe_jax/sharding.py). Axes, outermost first: data (replicas),
   # fsdp (params and optimizer state sharded), tensor (heads / mlp / vocab
