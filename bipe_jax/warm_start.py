@@ -16,6 +16,7 @@ import os
 
 from bipe_jax import checkpoint
 from bipe_jax import config as config_lib
+from bipe_jax.data import tokenizer
 
 
 def _fail(init_from: str, problem: str) -> config_lib.ConfigError:
@@ -48,8 +49,7 @@ def prepare(config, workdir: str) -> None:
   src = source_config(init_from)
   _latest_step(init_from)
   if not config.tokenizer.model:
-    src_dir = src.data.cache_dir or os.path.join(init_from, "data")
-    path = os.path.abspath(src.tokenizer.model or os.path.join(src_dir, "tokenizer.model"))
+    path = tokenizer.run_tokenizer_path(src, init_from)
     if not os.path.isfile(path):
       raise _fail(init_from, f"its tokenizer {path} is missing; set tokenizer.model to the "
                   "tokenizer it was trained with")

@@ -18,7 +18,9 @@ Weight layout, PyTorch nn.Linear stores [out, in]; ours are [in, ...]:
   lm_head.weight                        [V, d]     -> lm_head [d, V]
 Rotary weights are already in the rotate-half layout our RoPE uses, so q/k
 rows need no permutation. The imported config reproduces the release:
-windows across documents, separators (13, 869), intra padding row.
+windows across documents, separators (13, 869), intra padding row. A model
+exported from here (interop.export) names its own separators in
+config.json's `bipe_separator_ids`.
 """
 from __future__ import annotations
 
@@ -107,6 +109,16 @@ def model_config(hf: dict) -> ModelConfig:
       release_padding_row=True, max_positions=train_scale)
 
 
+def separator_ids(hf: dict) -> tuple[int, ...]:
+  """config.json's `bipe_separator_ids` (written by interop.export), else the release's."""
+  ids = hf.get("bipe_separator_ids", RELEASE_SEPARATOR_IDS)
+  if not (isinstance(ids, (list, tuple)) and ids
+          and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+    raise ReleaseError(f"config.json bipe_separator_ids={ids!r} must be a non-empty list "
+                       "of token ids")
+  return tuple(ids)
+
+
 def experiment_config(hf: dict, ckpt_dir: str = "") -> ml_collections.ConfigDict:
   """bipe_jax/configs/base.py with everything a release model needs to evaluate as trained."""
   from bipe_jax.configs import base  # pylint: disable=g-import-not-at-top
@@ -123,7 +135,7 @@ def experiment_config(hf: dict, ckpt_dir: str = "") -> ml_collections.ConfigDict
   c.data.seq_len = m.max_intra          # train_scale: the training window
   c.data.packing = "windows"            # positions run across documents
   c.segmentation.modality = "text"
-  c.segmentation.separator_ids = RELEASE_SEPARATOR_IDS
+  c.segmentation.separator_ids = separator_ids(hf)
   c.tokenizer.vocab_size = m.vocab_size
   tok = os.path.join(ckpt_dir, "tokenizer.model") if ckpt_dir else ""
   c.tokenizer.model = os.path.abspath(tok) if tok and os.path.isfile(tok) else ""
