@@ -52,6 +52,10 @@ Adding a kind (say a relative one, "kerple"):
 An absolute kind is the same with a `kind.InputTerm` subclass (`embed`) and
 `input_term=` in its registry line.
 
+Context extension: every rotary kind reads `pe.rope_scaling` (position
+interpolation, NTK-aware, YaRN; rope_scaling.py) through RopeParams, so a
+new rotary kind deriving RopeRelative/RopeParams gets it too.
+
 Reproducing the authors' release: pe.release_padding_row=True (the intra
 table's last row is zero and never trained) together with data.packing =
 "windows" (positions and segments run across documents).
