@@ -75,8 +75,8 @@ def test_export_then_import_gives_equal_logits(tmp_path, code_tokenizer, kind, p
   out = export.export(str(tmp_path / "run"), str(tmp_path / "hf"))
   imported = release.load(out)
   m = back = imported.model_cfg
-  # Segments shorter than max_intra; with the release's padding row any length.
-  batch, table = _batch(code_tokenizer, 8, long_segment=padding_row)
+  # A segment longer than max_intra: its deep tokens read the last row (or zero).
+  batch, table = _batch(code_tokenizer, 8, long_segment=True)
   ours = np.asarray(Decoder(trainer.model_cfg).apply({"params": params}, batch))
   theirs = np.asarray(Decoder(m).apply({"params": imported.params}, batch))
   assert np.abs(ours).max() > 1.0     # logits far from uniform: the comparison can fail
@@ -84,7 +84,8 @@ def test_export_then_import_gives_equal_logits(tmp_path, code_tokenizer, kind, p
   for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "norm_eps",
               "rope_base", "pe_kind", "vocab_size"):
     assert getattr(back, key) == getattr(trainer.model_cfg, key), key
-  assert back.max_intra == 8 + (kind == "bipe_rope" and not padding_row) or kind == "rope"
+  if kind == "bipe_rope":
+    assert back.max_intra == 8 and back.release_padding_row == padding_row
   c = imported.config
   assert tuple(c.segmentation.separator_ids) == tuple(np.flatnonzero(table))
   assert c.tokenizer.model == os.path.join(out, "tokenizer.model")
@@ -104,14 +105,14 @@ def test_exported_model_evaluates_as_the_run_does(tmp_path, code_tokenizer, code
       lines = text.splitlines(keepends=True)
       for i in range(0, len(lines), 40):
         f.write(json.dumps({"text": "".join(lines[i:i + 40])}) + "\n")
-  config = _config("bipe_rope", code_tokenizer, max_intra=64)
+  config = _config("bipe_rope", code_tokenizer, max_intra=8)   # lines longer than 8 tokens
   _workdir(tmp_path / "run", config, code_tokenizer.vocab_size)
   out = export.export(str(tmp_path / "run"), str(tmp_path / "hf"))
-  kw = dict(lengths=(32,), source=str(corpus))
-  direct = evaluate.evaluate(str(tmp_path / "run"), **kw)
-  exported = evaluate.evaluate(str(tmp_path / "eval_hf"), hf_checkpoint=out, **kw)
-  assert direct["results"][0]["tokens"] == exported["results"][0]["tokens"] > 1000
-  assert exported["results"][0]["nll"] == pytest.approx(direct["results"][0]["nll"], rel=1e-6)
+  kw = dict(lengths=(64,), source=str(corpus), overrides=[("eval.max_tokens", "4096")])
+  direct = evaluate.evaluate(str(tmp_path / "run"), **kw)["results"][0]
+  exported = evaluate.evaluate(str(tmp_path / "eval_hf"), hf_checkpoint=out, **kw)["results"][0]
+  assert direct["tokens"] == exported["tokens"] > 1000
+  assert exported["nll"] == pytest.approx(direct["nll"], rel=1e-6)
 
 
 def test_bad_exports_exit_2_naming_the_problem(tmp_path, code_tokenizer):
@@ -144,3 +145,17 @@ def test_bad_exports_exit_2_naming_the_problem(tmp_path, code_tokenizer):
            ([out, alibi, "--config.pe.kind=rope"], "pe.kind")]
   _assert_one_named_error(_drive("bipe_jax.convert", cases, tmp_path), cases)
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_importer_checks_our_own_keys():
+  hf = dict(rpe_type="bipe_rope", hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+            intermediate_size=64, rms_norm_eps=1e-5, vocab_size=100, train_scale=8)
+  assert release.model_config(hf).release_padding_row           # the release's quirk
+  assert not release.model_config({**hf, "bipe_intra_padding_row": False}).release_padding_row
+  assert release.separator_ids(hf) == (13, 869)
+  assert release.separator_ids({**hf, "bipe_separator_ids": [5, 7]}) == (5, 7)
+  with pytest.raises(release.ReleaseError, match="bipe_intra_padding_row='no'"):
+    release.model_config({**hf, "bipe_intra_padding_row": "no"})
+  for bad in ([], [1.5], "13", [-1]):
+    with pytest.raises(release.ReleaseError, match="bipe_separator_ids"):
+      release.separator_ids({**hf, "bipe_separator_ids": bad})

@@ -8,15 +8,14 @@ tokenizer (tokenizer.model, tokenizer_config.json, special_tokens_map.json):
 the exact inverse of interop.release, so `bipe-convert --hf_checkpoint=OUT`
 and `bipe-eval --hf_checkpoint=OUT` load it back with the same logits.
 
-Two things the release's format cannot say are handled so:
-  * separators: the release hard-codes the Llama ids (13, 869); ours come
-    from our tokenizer, so config.json also holds `bipe_separator_ids`, which
-    the importer reads (the release's code ignores it);
-  * the intra table: the release reads its last row as zero (its padding
-    row, `pe.release_padding_row`). A table trained without that quirk gets
-    one zero row appended (train_scale = pe.max_intra + 1): tokens whose
-    intra-segment index is below pe.max_intra see the same rows as here;
-    deeper ones, which here reuse the last trained row, see the zero row.
+Two things the release's config cannot say go into keys of our own, which
+the importer reads and the release's code ignores:
+  * `bipe_separator_ids`: the release hard-codes the Llama ids (13, 869);
+    ours come from our tokenizer;
+  * `bipe_intra_padding_row`: our importer reads the intra table's last row
+    as zero (the release's padding row, `pe.release_padding_row`); a table
+    trained without that quirk says false, and its last row is read as
+    trained (the release's nn.Embedding lookup returns a stored row as it is).
 """
 from __future__ import annotations
 
@@ -53,7 +52,7 @@ def check_exportable(config) -> None:
         "the unscaled model, so train or convert without it and apply it at evaluation")
 
 
-def tensors_from_params(params: dict, m: ModelConfig, pad_intra: bool) -> dict[str, np.ndarray]:
+def tensors_from_params(params: dict, m: ModelConfig) -> dict[str, np.ndarray]:
   """Release tensors (float32, [out, in] linears) from our params pytree (numpy)."""
   d, h, dh = m.d_model, m.n_heads, m.head_dim
   f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
@@ -62,10 +61,7 @@ def tensors_from_params(params: dict, m: ModelConfig, pad_intra: bool) -> dict[s
        "model.norm.weight": f32(params["final_norm"]["scale"]),
        "lm_head.weight": f32(np.asarray(params["lm_head"]).T)}
   if m.encoding.bilevel:
-    table = f32(params["intra"]["table"])
-    if pad_intra:
-      table = np.concatenate([table, np.zeros((1, d), np.float32)])
-    t["model.embeds.0.weight"] = table
+    t["model.embeds.0.weight"] = f32(params["intra"]["table"])
   for i in range(m.n_layers):
     p, pre = params[f"layer_{i}"], f"model.layers.{i}."
     attn, mlp = p["attn"], p["mlp"]
@@ -96,7 +92,8 @@ def hf_config(m: ModelConfig, train_scale: int, tok: Tokenizer, separator_ids) -
       attention_bias=False, mlp_bias=False, pretraining_tp=1,
       bos_token_id=tok.bos_id, eos_token_id=eos if eos >= 0 else tok.bos_id, pad_token_id=-1,
       rpe_type=m.pe_kind, train_scale=train_scale, log_scale=False,
-      bipe_separator_ids=[int(i) for i in separator_ids])
+      bipe_separator_ids=[int(i) for i in separator_ids],
+      bipe_intra_padding_row=bool(m.release_padding_row))
 
 
 def _write_tokenizer(tok: Tokenizer, out: str, train_scale: int) -> None:
@@ -128,10 +125,9 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   trainer, state = evaluate.restore_params(config, workdir, tok.vocab_size, step)
   m = trainer.model_cfg
   params = jax.device_get(state.params)
-  pad_intra = m.encoding.bilevel and not m.release_padding_row
-  train_scale = (m.max_intra + pad_intra) if m.encoding.bilevel else m.max_positions
+  train_scale = m.max_intra if m.encoding.bilevel else m.max_positions
   os.makedirs(out, exist_ok=True)
-  st_numpy.save_file(tensors_from_params(params, m, pad_intra),
+  st_numpy.save_file(tensors_from_params(params, m),
                      os.path.join(out, "model.safetensors"))
   with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf_config(m, train_scale, tok, separators), f, indent=1)

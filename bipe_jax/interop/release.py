@@ -19,8 +19,9 @@ Weight layout, PyTorch nn.Linear stores [out, in]; ours are [in, ...]:
 Rotary weights are already in the rotate-half layout our RoPE uses, so q/k
 rows need no permutation. The imported config reproduces the release:
 windows across documents, separators (13, 869), intra padding row. A model
-exported from here (interop.export) names its own separators in
-config.json's `bipe_separator_ids`.
+exported from here (interop.export) names its own separators and whether its
+intra table has the padding row in config.json's `bipe_separator_ids` and
+`bipe_intra_padding_row`.
 """
 from __future__ import annotations
 
@@ -106,7 +107,15 @@ def model_config(hf: dict) -> ModelConfig:
       init_std=float(hf.get("initializer_range", 0.02)), pe_kind=kind,
       max_intra=train_scale, intra="learned",
       rope_base=float(hf.get("rope_theta", 10000.0)), alibi_multiplier=multiplier,
-      release_padding_row=True, max_positions=train_scale)
+      release_padding_row=_flag(hf, "bipe_intra_padding_row", True),
+      max_positions=train_scale)
+
+
+def _flag(hf: dict, key: str, default: bool) -> bool:
+  value = hf.get(key, default)
+  if not isinstance(value, bool):
+    raise ReleaseError(f"config.json {key}={value!r} must be true or false")
+  return value
 
 
 def separator_ids(hf: dict) -> tuple[int, ...]:
