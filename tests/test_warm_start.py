@@ -37,6 +37,7 @@ def test_scaling_at_evaluation_time_changes_only_the_rotation(source):
   # the scaling reaching the model (a 4-step model barely uses positions).
   assert nll(unit) == nll(plain)
   assert np.isfinite(nll(scaled)).all() and nll(scaled) != nll(plain)
+  assert scaled["rope_scaling"]["kind"] == "yarn" and plain["rope_scaling"]["kind"] == "none"
   with open(os.path.join(source, "config.json")) as f:   # the saved config is untouched
     assert json.load(f)["pe"]["rope_scaling"]["kind"] == "none"
 
