@@ -88,7 +88,7 @@ def _tiny_sweep(tmp_path) -> str:
 def test_interrupted_sweep_resumes_skips_finished_and_survives_a_failure(tmp_path):
   path = _tiny_sweep(tmp_path)
   root = tmp_path / "runs"
-  done, failing, resumed = (root / "pe.kind=rope", root / "pe.kind=nope", root / "pe.kind=alibi")
+  done, resumed = root / "pe.kind=rope", root / "pe.kind=alibi"
   os.makedirs(done)
   (done / "eval.json").write_text('{"finished": "before"}')  # a run finished earlier
   cmd = [sys.executable, os.path.join(REPO, "launch", "sweep.py"), path]
