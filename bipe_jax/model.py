@@ -85,7 +85,8 @@ class ModelConfig:
   def from_config(cls, config, vocab_size: int) -> "ModelConfig":
     m, pe = config.model, config.pe
     # A key missing from an older saved config takes its default.
-    pe_fields = {k: pe[k] for k in encodings.PE_DEFAULTS if k in pe}
+    pe_fields = {k: encodings.params.from_config(d, pe[k])
+                 for k, d in encodings.PE_DEFAULTS.items() if k in pe}
     return cls(vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers,
                n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, d_ff=m.d_ff,
                norm_eps=m.norm_eps, init_std=m.init_std, dtype=m.dtype,

@@ -64,11 +64,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.pe = ml_collections.ConfigDict()
   c.pe.kind = encodings.DEFAULT_KIND  # see bipe_jax.encodings.KINDS
   # Every kind's parameters (max_intra, intra, rope_base, alibi_multiplier,
-  # xpos_scale_base, max_random_position, fire_*, release_padding_row): their
-  # defaults, meaning and checks live in the typed parameter classes next to
-  # each kind's code in bipe_jax/encodings/ (RopeParams in rope.py, ...).
+  # xpos_scale_base, max_random_position, fire_*, release_padding_row, and the
+  # rope_scaling.* section): their defaults, meaning and checks live in the
+  # typed parameter classes next to each kind's code in bipe_jax/encodings/
+  # (RopeParams in rope.py, RopeScaling in rope_scaling.py, ...).
   for key, default in encodings.PE_DEFAULTS.items():
-    c.pe[key] = default
+    c.pe[key] = encodings.params.to_config(default)
 
   c.attention = ml_collections.ConfigDict()
   c.attention.impl = "auto"       # auto | reference | chunked | pallas | cudnn (see bipe_jax/attention)
@@ -100,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
   # none | full (save nothing) | dots (keep matmul outputs) | dots_no_batch
   # (keep only weight-stationary matmuls, the usual choice on TPU).
   c.train.remat = "none"
+  # A work dir whose latest checkpoint's parameters start this run (fresh
+  # optimizer, step 0; see bipe_jax/warm_start.py); "" = random init.
+  c.train.init_from = ""
 
   # Device mesh (bipe_jax/sharding.py). Axes, outermost first: data (replicas),
   # fsdp (params and optimizer state sharded), tensor (heads / mlp / vocab

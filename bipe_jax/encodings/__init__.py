@@ -52,11 +52,15 @@ Adding a kind (say a relative one, "kerple"):
 An absolute kind is the same with a `kind.InputTerm` subclass (`embed`) and
 `input_term=` in its registry line.
 
+Context extension: every rotary kind reads `pe.rope_scaling` (position
+interpolation, NTK-aware, YaRN; rope_scaling.py) through RopeParams, so a
+new rotary kind deriving RopeRelative/RopeParams gets it too.
+
 Reproducing the authors' release: pe.release_padding_row=True (the intra
 table's last row is zero and never trained) together with data.packing =
 "windows" (positions and segments run across documents).
 """
-from bipe_jax.encodings import params
+from bipe_jax.encodings import params, rope_scaling
 from bipe_jax.encodings.absolute import sinusoidal
 from bipe_jax.encodings.alibi import alibi_bias, alibi_slopes
 from bipe_jax.encodings.fire import Fire, FireBias
@@ -68,6 +72,6 @@ from bipe_jax.encodings.rope import apply_rope
 from bipe_jax.encodings.xpos import apply_xpos
 
 __all__ = ["DEFAULT_KIND", "Encoding", "InputTerm", "KINDS", "PE_DEFAULTS", "Relative",
-           "get", "params", "alibi_bias", "alibi_slopes", "Fire", "FireBias",
+           "get", "params", "rope_scaling", "alibi_bias", "alibi_slopes", "Fire", "FireBias",
            "InputEmbedding", "RelativeEncoding", "attention_positions",
            "randomize_positions", "apply_rope", "apply_xpos", "sinusoidal"]

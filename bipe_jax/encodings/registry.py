@@ -68,6 +68,10 @@ class Encoding:
       raise ValueError(f"pe.kind={self.name!r} rotates pairs of dims: head dim "
                        f"{cfg.head_dim} must be even")
     p = self.params(cfg)
+    if not self.rotary and cfg.rope_scaling.active:
+      raise ValueError(f"pe.rope_scaling.kind={cfg.rope_scaling.kind!r} stretches rotary "
+                       f"frequencies, and pe.kind={self.name!r} rotates nothing; use a "
+                       "rotary kind (rope, bipe_rope, xpos, ...) or pe.rope_scaling.kind=none")
     absolute.IntraParams.from_fields(cfg)  # pe.intra and pe.max_intra are checked for every kind
     if self.relative is not None:
       self.relative.check(p, cfg)
