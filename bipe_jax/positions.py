@@ -254,8 +254,7 @@ class LevelSeparators:
   @property
   def is_separator(self) -> np.ndarray:
     """bool [V]: pieces that end a unit of the finest level on their own."""
-    out = self.piece_class > 0
-    return out if self.newlines is None else out | (self.newlines > 0)
+    return self.piece_class > 0
 
   def classes(self, tokens, doc_ids=None) -> np.ndarray:
     """int8 [..., L] separator class of each token of `tokens` [..., L].
