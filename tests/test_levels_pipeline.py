@@ -31,7 +31,7 @@ def _corpus(levels=3, n=3000, seed=0):
   rng = np.random.default_rng(seed)
   p = np.array([0, 3, 2, 2, 1, 4, 2, 2, 2, 1, 3, 1], float)
   stream = rng.choice(len(TEXTS), n, p=p / p.sum()).astype(np.int32)
-  stream[rng.random(n) < 0.03] = BOS
+  stream[rng.random(n) < 0.015] = BOS  # documents longer than a row: chunks start mid-document
   stream[0] = BOS
   starts = np.flatnonzero(stream == BOS)
   seps = LevelSeparators.from_texts(levels, TEXTS, FINEST)
@@ -72,7 +72,7 @@ def _config(packing, levels=3):
 def test_train_iterator_carries_levels(packing):
   c, corpus = _config(packing), _corpus()
   restarts = 0
-  for b in itertools.islice(pipeline.train_iterator(c, corpus), 6):
+  for b in itertools.islice(pipeline.train_iterator(c, corpus), 10):
     assert b["levels"].shape == (4, 1, 48) and b["levels"].dtype == np.int32
     _check(b, (6, 3))
     restarts += int((np.diff(b["doc_ids"], axis=1) != 0).sum())
@@ -80,6 +80,15 @@ def test_train_iterator_carries_levels(packing):
   assert packing == "windows" or restarts > 0, "packed rows hold several documents"
   for b in itertools.islice(pipeline.eval_batches(c, corpus, 96, 0, 400), 2):
     _check(b, (6, 3))
+
+
+def test_make_batch_restarts_every_level_at_document_starts():
+  # Documents start mid-text (no BOS), often right after a newline of the
+  # previous one: a blank line must not reach across the document start.
+  corpus, rng = _corpus(), np.random.default_rng(5)
+  rows = rng.choice(np.arange(1, len(TEXTS)), (8, 41))
+  docs = np.cumsum(rng.random(rows.shape) < 0.15, axis=1)
+  _check(pipeline.make_batch(rows, corpus.separators, (6, 3), docs), (6, 3))
 
 
 def test_two_levels_are_todays_batches():
