@@ -12,7 +12,7 @@ import ml_collections
 
 from bipe_jax import encodings, model
 from bipe_jax.configs import base
-from bipe_jax.data import pipeline, sources, tokenizer
+from bipe_jax.data import levels, pipeline, sources, tokenizer
 
 
 class ConfigError(ValueError):
@@ -148,7 +148,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   try:
-    tokenizer.parse_level_ids(config.pe.levels, config.segmentation.separator_ids,
+    levels.parse_ids(config.pe.levels, config.segmentation.separator_ids,
                               config.segmentation.level_separator_ids)
   except ValueError as e:
     raise ConfigError(str(e)) from None

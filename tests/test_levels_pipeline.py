@@ -17,7 +17,7 @@ import pytest
 from bipe_jax import config as config_lib
 from bipe_jax import encodings, trainer
 from bipe_jax.configs import base
-from bipe_jax.data import pipeline
+from bipe_jax.data import levels as data_levels, pipeline
 from bipe_jax.model import Decoder, ModelConfig, loss_fn
 from bipe_jax.positions import LevelSeparators, bilevel_ids
 from test_levels import FINEST, TEXTS, oracle_class, oracle_ids
@@ -106,7 +106,7 @@ def test_tokenizer_separators(tmp_path):
   from bipe_jax.data.tokenizer import train_tokenizer
   text = "def f():\n    return 1\n\n\nx = 2\ny = 3\n\nprint(x)\n" * 40
   tok = train_tokenizer([text], str(tmp_path / "t"), 300)
-  seps = tok.level_separators(3, "code")
+  seps = data_levels.separators(tok, 3, "code")
   np.testing.assert_array_equal(seps.is_separator, tok.separator_table("code"))
   ids = tok.encode(text[:52])
   cls = seps.classes(ids)
@@ -114,11 +114,11 @@ def test_tokenizer_separators(tmp_path):
   want = [oracle_class([texts[i] for i in ids[:t + 1]], 3) for t in range(len(ids))]
   np.testing.assert_array_equal(cls, want)
   assert (cls == 2).sum() == 2, "two blank-line runs in the first 52 characters"
-  explicit = tok.level_separators(3, "code", level_separator_ids="5,6;7")
+  explicit = data_levels.separators(tok, 3, "code", level_separator_ids="5,6;7")
   np.testing.assert_array_equal(np.flatnonzero(explicit.piece_class), [5, 6, 7])
   assert explicit.piece_class[7] == 2
   with pytest.raises(ValueError, match="outside the vocabulary"):
-    tok.level_separators(3, "code", level_separator_ids="5;999")
+    data_levels.separators(tok, 3, "code", level_separator_ids="5;999")
 
 
 def test_level_without_separators_is_named(tmp_path):

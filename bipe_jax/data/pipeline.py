@@ -26,7 +26,7 @@ from grain.experimental import FirstFitPackIterDataset
 import numpy as np
 
 from bipe_jax import positions
-from bipe_jax.data import sources
+from bipe_jax.data import levels, sources
 from bipe_jax.encodings import absolute
 from bipe_jax.data.tokenizer import Tokenizer, load_or_train
 
@@ -239,8 +239,8 @@ def prepare(config, workdir: str) -> Corpus:
   tok = load_or_train(config, cache_dir,
                       lambda: plan.tokenizer_sample(int(config.tokenizer.sample_bytes)))
   seg = config.segmentation
-  seps = tok.level_separators(config.pe.levels, seg.modality, seg.cot_delimiter,
-                              seg.separator_ids, seg.level_separator_ids)
+  seps = levels.separators(tok, config.pe.levels, seg.modality, seg.cot_delimiter,
+                           seg.separator_ids, seg.level_separator_ids)
   fingerprint = plan.fingerprint(tok)
   meta_path = os.path.join(cache_dir, "meta.json")
   arrays, stats = _load_cache(cache_dir, meta_path, fingerprint)
@@ -260,41 +260,9 @@ def prepare(config, workdir: str) -> Corpus:
   if not len(arrays["heldout_tokens"]):
     logging.warning("data.source %r has an empty held-out split", dc.source)
   if seps.levels > 2:
-    _report_levels(seps, arrays["train_tokens"], config)
+    levels.report(seps, arrays["train_tokens"], config.segmentation)
   return Corpus(tokenizer=tok, is_separator=seps.is_separator, separators=seps,
                 stats=stats, **arrays)
-
-
-def _unit_name(seg, level: int) -> str:
-  """What ends a unit of `level` (>= 1) under config.segmentation `seg`."""
-  if seg.level_separator_ids:
-    return "its ids in segmentation.level_separator_ids"
-  if level == 1:
-    return {"code": "a line end", "text": "a sentence or line end",
-            "cot": "a step delimiter or line end"}[seg.modality]
-  return f"{level - 1} blank line{'s' if level > 2 else ''} in a row"
-
-
-def _report_levels(seps: positions.LevelSeparators, tokens, config,
-                   limit: int = 1 << 24, chunk: int = 1 << 20) -> None:
-  """Prints the mean length of each level's units over the first `limit`
-  training tokens; fails naming a level whose units never end there."""
-  n = min(len(tokens), limit)
-  ends = np.zeros(seps.levels, np.int64)
-  for i in range(0, n, chunk):
-    classes = seps.classes(np.asarray(tokens[i:min(n, i + chunk)]))
-    ends += np.bincount(classes, minlength=seps.levels)
-  ends = np.cumsum(ends[::-1])[::-1]  # ends[c]: tokens of class >= c
-  seg = config.segmentation
-  for c in range(1, seps.levels):
-    if not ends[c]:
-      raise ValueError(
-          f"pe.levels={seps.levels}: no separator of level {c} ({_unit_name(seg, c)}) "
-          f"occurs in the first {n:,} training tokens; use fewer levels or set "
-          "segmentation.level_separator_ids")
-  print(f"{seps.levels} levels over {n:,} training tokens, mean tokens per unit: " +
-        ", ".join(f"level {c} {n / ends[c]:.1f} (ends at {_unit_name(seg, c)})"
-                  for c in range(1, seps.levels)), flush=True)
 
 
 # Batches ------------------------------------------------------------------------

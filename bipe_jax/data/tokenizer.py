@@ -23,8 +23,6 @@ from absl import logging
 import numpy as np
 import sentencepiece as spm
 
-from bipe_jax import positions
-
 # Stand-ins for "\n", in order of preference: the first one absent from the
 # training sample is used. U+2424 is SYMBOL FOR NEWLINE; the others are
 # private-use characters that real text essentially never contains.
@@ -206,62 +204,6 @@ class Tokenizer:
           f"for modality {modality!r}; set segmentation.separator_ids to the ids "
           "that should end a segment")
     return table
-
-
-  def level_separators(self, levels: int, modality: str, cot_delimiter: str = ";",
-                       separator_ids: Iterable[int] = (), level_separator_ids: str = ""):
-    """Which pieces end a unit of which of `levels` levels (positions.LevelSeparators).
-
-    level_separator_ids (if any, see `parse_level_ids`): one id list per level
-    above tokens, finest first; an id listed for level c ends a unit of level
-    c and of every finer one, and the classes are those lists alone. Otherwise the finest level is
-    `separator_table` (lines for code, sentences and lines for text, steps for
-    cot) and, with three levels or more, a blank line ends a unit of level 2
-    (a block of code, a paragraph), two blank lines one of level 3, and so on.
-    """
-    lists = parse_level_ids(levels, separator_ids, level_separator_ids)
-    if not lists:
-      finest = self.separator_table(modality, cot_delimiter, separator_ids)
-      seps = positions.LevelSeparators.from_texts(levels, self.piece_texts(), finest)
-      if levels > 2 and not seps.newlines.any():
-        raise ValueError(f"pe.levels={levels}: no piece of this vocabulary holds a "
-                         "newline, so no blank line can end a unit of level 2; set "
-                         "segmentation.level_separator_ids or use pe.levels=2")
-      return seps
-    piece_class = np.zeros(self.vocab_size, np.int8)
-    for level, ids in enumerate(lists, 1):
-      bad = [i for i in ids if not 0 <= i < self.vocab_size]
-      if bad:
-        raise ValueError(f"segmentation.level_separator_ids[{level - 1}] holds {bad}, "
-                         f"outside the vocabulary [0, {self.vocab_size})")
-      piece_class[list(ids)] = np.maximum(piece_class[list(ids)], level)
-    return positions.LevelSeparators(levels, piece_class)
-
-
-def parse_level_ids(levels: int, separator_ids, level_separator_ids: str
-                    ) -> tuple[tuple[int, ...], ...]:
-  """segmentation.level_separator_ids ("869;13": one comma-separated id list
-  per level above tokens, finest first, ";" between levels) as tuples; ()
-  when empty. Raises ValueError unless it fits pe.levels."""
-  text = str(level_separator_ids).strip()
-  if not text:
-    return ()
-  example = "e.g. '869;13' for sentences (id 869) in lines (id 13) in documents"
-  try:
-    lists = tuple(tuple(int(i) for i in part.split(",") if i.strip())
-                  for part in text.split(";"))
-  except ValueError:
-    raise ValueError(f"segmentation.level_separator_ids={text!r} must be comma-separated "
-                     f"token ids, one list per level, finest first, ';' between; "
-                     f"{example}") from None
-  if len(lists) != levels - 1 or not all(lists):
-    raise ValueError(f"segmentation.level_separator_ids={text!r} must hold pe.levels - 1 = "
-                     f"{levels - 1} non-empty id lists, one per level above tokens, finest "
-                     f"first; {example}")
-  if tuple(separator_ids):
-    raise ValueError("set segmentation.separator_ids or segmentation.level_separator_ids, "
-                     "not both")
-  return lists
 
 
 def _detect_standin(sp: spm.SentencePieceProcessor) -> str | None:
