@@ -29,6 +29,12 @@ bipe_rope and bipe_alibi (the paper's two), and bipe_xpos,
 bipe_randomized_rope, bipe_fire. A new relative kind gets its twin for free.
 Bilevel ALiBi slopes default to x96 (the release's choice).
 
+More than two levels (pe.levels = K > 2, bilevel kinds only): the ids of
+bipe_jax.positions.level_ids; every inner level gets a table like the intra
+one (absolute.Intra sums them: "table" for intra, "level_<j>" for level j,
+read from batch["levels"] [B, K-2, L]) and the relative part reads the
+outermost id as `inter`, so no relative kind needs code for it.
+
 Adding a kind (say a relative one, "kerple"):
   1. one module, encodings/kerple.py, with
      - `KerpleParams(params.Params)`: a frozen dataclass whose fields are the
