@@ -233,3 +233,10 @@ def test_level_table_changes_the_output():
   shifted = {**batch, "levels": (batch["levels"] + 1) % 8}
   apply = jax.jit(model.apply)
   assert not np.allclose(apply(params, batch), apply(params, shifted))
+
+
+def test_cached_decoding_refuses_more_levels():
+  from bipe_jax import decode
+  c = tiny_config(kind="bipe_rope", levels=3)
+  with pytest.raises(ValueError, match="pe.levels=2 only"):
+    decode.PositionRule.from_config(c, types.SimpleNamespace(bos_id=BOS), FINEST)
