@@ -15,9 +15,10 @@ import optax
 import pytest
 
 from bipe_jax import config as config_lib
-from bipe_jax import encodings, trainer
+from bipe_jax import decode, encodings, trainer
 from bipe_jax.configs import base
 from bipe_jax.data import levels as data_levels, pipeline
+from bipe_jax.interop import export
 from bipe_jax.model import Decoder, ModelConfig, loss_fn
 from bipe_jax.positions import LevelSeparators, bilevel_ids
 from test_levels import FINEST, TEXTS, oracle_class, oracle_ids
@@ -236,7 +237,11 @@ def test_level_table_changes_the_output():
 
 
 def test_cached_decoding_refuses_more_levels():
-  from bipe_jax import decode
   c = tiny_config(kind="bipe_rope", levels=3)
   with pytest.raises(ValueError, match="pe.levels=2 only"):
     decode.PositionRule.from_config(c, types.SimpleNamespace(bos_id=BOS), FINEST)
+
+
+def test_export_refuses_more_levels():
+  with pytest.raises(config_lib.ConfigError, match="pe.levels=3 cannot be exported"):
+    export.check_exportable(tiny_config(kind="bipe_rope", levels=3))
