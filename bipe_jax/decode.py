@@ -60,6 +60,10 @@ class PositionRule:
 
   @classmethod
   def from_config(cls, config, tokenizer, is_separator) -> "PositionRule":
+    if config.pe.levels != 2:
+      # positions.LevelState is the K-level rule; this loop carries two levels.
+      raise ValueError(f"cached decoding supports pe.levels=2 only; this model has "
+                       f"pe.levels={config.pe.levels}")
     return cls(np.asarray(is_separator, bool), int(config.pe.max_intra), int(tokenizer.bos_id),
                config.data.packing != "windows")
 
