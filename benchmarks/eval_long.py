@@ -103,8 +103,8 @@ def measure(kind: str, length: int, impl: str, repeats: int) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(evaluate(params, batch))
     times.append(time.perf_counter() - t0)
-  resolved = attention.resolve(impl, kind=encodings.get(kind).bias_kind,
-                               dtype=jnp.float32)
+  resolved = attention.resolve(impl, kind=encodings.get(kind).bias_kind, dtype=jnp.float32,
+                               scores=(1, cfg.n_heads, length, length))
   return dict(kind=kind, length=length, impl=impl, resolved=resolved, params_m=n_params / 1e6,
               loss=loss, first_call_s=first, best_s=min(times), tokens_per_s=length / min(times),
               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -123,7 +123,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
   ap.add_argument("--kinds", nargs="+", default=list(KINDS))
-  ap.add_argument("--impl", default="auto", help="attention.impl (auto | reference | chunked)")
+  ap.add_argument("--impl", default="auto", help="attention.impl (auto | reference | dense | chunked)")
   ap.add_argument("--repeats", type=int, default=2, help="timed runs after the compile run")
   ap.add_argument("--xla_flags", default=YNN_DOTS_ONLY,
                   help="XLA_FLAGS for the measuring processes ('' = XLA defaults); default: "
