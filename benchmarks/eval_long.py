@@ -108,7 +108,8 @@ def measure(kind: str, length: int, impl: str, repeats: int) -> dict:
   return dict(kind=kind, length=length, impl=impl, resolved=resolved, params_m=n_params / 1e6,
               loss=loss, first_call_s=first, best_s=min(times), tokens_per_s=length / min(times),
               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-              load_avg=os.getloadavg()[0])
+              peak_device_gb=(jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
+              / 2**30, load_avg=os.getloadavg()[0])
 
 
 def _row(kind, length, r) -> str:
@@ -116,7 +117,7 @@ def _row(kind, length, r) -> str:
     return f"{kind:<11} {length:>6} {r}"
   return (f"{kind:<11} {length:>6} {r['resolved']:>9} {r['tokens_per_s']:>9.1f} "
           f"{r['peak_rss_gb']:>11.2f} {r['best_s']:>7.2f} {r['first_call_s']:>10.1f} "
-          f"{r['load_avg']:>5.1f}")
+          f"{r['load_avg']:>5.1f} {r.get('peak_device_gb') or 0:>9.2f}")
 
 
 def main(argv=None):
@@ -141,7 +142,7 @@ def main(argv=None):
                                                           args.xla_flags])))
   print(f"XLA_FLAGS={env['XLA_FLAGS']!r}; {os.cpu_count()} CPUs", flush=True)
   print(f"{'encoding':<11} {'length':>6} {'impl':>9} {'tokens/s':>9} {'peak RSS GB':>11} "
-        f"{'best s':>7} {'1st call s':>10} {'load':>5}", flush=True)
+        f"{'best s':>7} {'1st call s':>10} {'load':>5} {'device GB':>9}", flush=True)
   here = os.path.dirname(os.path.abspath(__file__))
   pairs = []
   for kind in args.kinds:

@@ -154,6 +154,9 @@ def _parse(argv):
                   help="also time the release's PyTorch eager step of each kind (needs torch)")
   ap.add_argument("--quick", action="store_true",
                   help="a tiny model (both sides), 128 tokens, 1 step: checks the script only")
+  ap.add_argument("--peak_tflops", type=float, default=0.0,
+                  help="MFU against this peak (e.g. a GPU's dense bf16 TFLOP/s) instead of the "
+                       "measured float32 matmul rate")
   ap.add_argument("--xla_flags", default=YNN_DOTS_ONLY, help="XLA_FLAGS ('' = XLA defaults)")
   ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
@@ -175,7 +178,9 @@ def main(argv=None):
   env = dict(os.environ, XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
                                                           args.xla_flags])))
   print(f"XLA_FLAGS={env['XLA_FLAGS']!r}; {os.cpu_count()} CPUs; batch {args.batch} x "
-        f"{args.seq_len} tokens; MFU against the measured float32 matmul rate", flush=True)
+        f"{args.seq_len} tokens; MFU against "
+        f"{f'{args.peak_tflops} TFLOP/s' if args.peak_tflops else 'the measured float32 matmul rate'}",
+        flush=True)
   print(f"{'round what':<30} {'tokens/s':>9} {'best s':>7} {'MFU %':>5} {'peak RSS GB':>11} "
         f"{'1st s':>6} {'loss':>7} {'load':>5}", flush=True)
   configs = ([args.config] if args.config else
@@ -187,6 +192,8 @@ def main(argv=None):
              "--batch", str(args.batch), "--seq_len", str(args.seq_len), "--steps", str(args.steps),
              "--set", *args.set]
       r = _run(cmd, env)
+      if args.peak_tflops:
+        r["matmul_gflops"] = args.peak_tflops * 1e3
       kind = r["pe_kind"]
       ours.setdefault(kind, []).append(r)
       print(_row(f"{rnd} bipe_jax {kind}", r), flush=True)
@@ -207,7 +214,7 @@ def _summary(ours: dict, ratios: dict) -> None:
   for kind, rs in ours.items():
     best = min(rs, key=lambda r: r["best_s"])
     line = (f"  {kind:<11} {best['tokens_per_s']:.1f} tokens/s, step {best['best_s']:.2f} s, "
-            f"{best['model_tflop']:.2f} model TFLOP per step, matmul {best['matmul_gflops']:.0f} "
+            f"{best['model_tflop']:.2f} model TFLOP per step, peak {best['matmul_gflops']:.0f} "
             f"GFLOP/s, MFU {100 * best['model_tflop'] * 1e3 / best['best_s'] / best['matmul_gflops']:.1f}%")
     if kind in ratios:
       line += (f"; vs release per round: {', '.join(f'{x:.2f}' for x in ratios[kind])} "
