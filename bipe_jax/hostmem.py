@@ -21,10 +21,8 @@ import sys
 
 # mallopt parameters (glibc malloc.h)
 M_TRIM_THRESHOLD = -1
-M_TOP_PAD = -2
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-_INT_MAX = 2**31 - 1
 
 
 def retain_freed_memory() -> bool:
@@ -35,6 +33,6 @@ def retain_freed_memory() -> bool:
     mallopt = ctypes.CDLL(None).mallopt
   except (OSError, AttributeError):
     return False
-  settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, _INT_MAX), (M_TOP_PAD, _INT_MAX),
-              (M_ARENA_MAX, 1))
+  # A trim threshold of -1 turns trimming off (mallopt(3)).
+  settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1), (M_ARENA_MAX, 1))
   return all(mallopt(param, value) == 1 for param, value in settings)
