@@ -17,6 +17,11 @@ own peak memory).
   python benchmarks/train_step.py --rounds 3 --kinds bipe_rope,bipe_alibi
   python benchmarks/train_step.py --kinds bipe_alibi --set train.remat=dots
   python benchmarks/train_step.py --quick --baseline --kinds bipe_rope,alibi   # tiny, checks the script
+  python benchmarks/train_step.py --profile /tmp/trace       # + the costliest XLA ops of one step
+  python benchmarks/train_step.py --malloc default           # glibc's malloc as it comes
+
+"faults" is the minor page faults of the last timed step (host memory the
+step touched for the first time).
 """
 from __future__ import annotations
 
@@ -75,7 +80,8 @@ def model_flops(params: dict, c, tokens: int) -> float:
 def measure(args) -> dict:
   sys.path.insert(0, REPO)
   from bipe_jax import hostmem
-  hostmem.retain_freed_memory()   # as bipe-train does, before JAX starts
+  if args.malloc == "retain":
+    hostmem.retain_freed_memory()   # as bipe-train does, before JAX starts
   import jax
   import numpy as np
   from bipe_jax import positions
@@ -98,16 +104,24 @@ def measure(args) -> dict:
   state, m = trainer.step(state, batch, key)
   loss = float(m["loss"])
   first = time.perf_counter() - t0
-  times = []
+  times, faults = [], []
   for _ in range(args.steps):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     state, m = trainer.step(state, batch, key)
     jax.block_until_ready(m["loss"])
     times.append(time.perf_counter() - t0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+  if args.profile:
+    from profile_ops import top_ops
+    with jax.profiler.trace(args.profile):
+      state, m = trainer.step(state, batch, key)
+      jax.block_until_ready(m["loss"])
+    print(top_ops(args.profile), file=sys.stderr)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   return dict(config=os.path.basename(args.config), overrides=args.set, batch=args.batch,
               seq_len=n, loss=loss, first_call_s=first, best_s=min(times),
-              tokens_per_s=args.batch * n / min(times),
+              tokens_per_s=args.batch * n / min(times), faults_last_step=faults[-1],
               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
               load_avg=os.getloadavg()[0], pe_kind=c.pe.kind, params_m=n_params / 1e6,
               model_tflop=model_flops(state.params, c, args.batch * n) / 1e12,
@@ -130,12 +144,22 @@ def _run(cmd, env) -> dict:
   return r
 
 
+def _run_profiled(cmd, env) -> dict:
+  """Like _run, also printing the op table the measuring process writes to stderr."""
+  import subprocess
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if proc.returncode:
+    sys.exit(f"measurement FAILED (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+  print(proc.stderr[proc.stderr.find("time ms"):] if "time ms" in proc.stderr else proc.stderr)
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _row(name: str, r: dict) -> str:
   mfu = (f"{100 * r['model_tflop'] * 1e3 / r['best_s'] / r['matmul_gflops']:>5.1f}"
          if "model_tflop" in r else f"{'':>5}")
   return (f"{name:<30} {r['tokens_per_s']:>9.1f} {r['best_s']:>7.2f} {mfu} "
           f"{r['peak_rss_gb']:>11.2f} {r['first_call_s']:>6.1f} {r['loss']:>7.3f} "
-          f"{r['load_avg']:>5.1f}")
+          f"{r['load_avg']:>5.1f} {r.get('faults_last_step', ''):>8}")
 
 
 def _parse(argv):
@@ -154,6 +178,12 @@ def _parse(argv):
                   help="also time the release's PyTorch eager step of each kind (needs torch)")
   ap.add_argument("--quick", action="store_true",
                   help="a tiny model (both sides), 128 tokens, 1 step: checks the script only")
+  ap.add_argument("--malloc", default="retain", choices=["retain", "default"],
+                  help="retain: keep freed host memory as bipe-train does (bipe_jax.hostmem); "
+                       "default: glibc's own behaviour")
+  ap.add_argument("--profile", metavar="DIR",
+                  help="trace one more step into DIR (jax.profiler) and print the costliest ops "
+                       "(single kind; stderr)")
   ap.add_argument("--peak_tflops", type=float, default=0.0,
                   help="MFU against this peak (e.g. a GPU's dense bf16 TFLOP/s) instead of the "
                        "measured float32 matmul rate")
@@ -182,7 +212,7 @@ def main(argv=None):
         f"{f'{args.peak_tflops} TFLOP/s' if args.peak_tflops else 'the measured float32 matmul rate'}",
         flush=True)
   print(f"{'round what':<30} {'tokens/s':>9} {'best s':>7} {'MFU %':>5} {'peak RSS GB':>11} "
-        f"{'1st s':>6} {'loss':>7} {'load':>5}", flush=True)
+        f"{'1st s':>6} {'loss':>7} {'load':>5} {'faults':>8}", flush=True)
   configs = ([args.config] if args.config else
              [os.path.join(REPO, "configs", f"{k}_151m.py") for k in kinds])
   ours, ratios = {}, {}
@@ -190,8 +220,12 @@ def main(argv=None):
     for path in configs:
       cmd = [sys.executable, os.path.abspath(__file__), "--one", "--config", path,
              "--batch", str(args.batch), "--seq_len", str(args.seq_len), "--steps", str(args.steps),
-             "--set", *args.set]
-      r = _run(cmd, env)
+             "--malloc", args.malloc, "--set", *args.set]
+      if args.profile:
+        cmd[3:3] = ["--profile", os.path.join(args.profile, os.path.basename(path)[:-3])]
+        r = _run_profiled(cmd, env)
+      else:
+        r = _run(cmd, env)
       if args.peak_tflops:
         r["matmul_gflops"] = args.peak_tflops * 1e3
       kind = r["pe_kind"]
