@@ -32,7 +32,7 @@ def top_ops(trace_dir: str, n: int = 25) -> str:
         total[name] += ev.duration_ns
         count[name] += 1
   flat = sum(v for k, v in total.items() if k not in ("while", "cond", "call"))
-  rows = [f"{'time ms':>9} {'share':>6} {'calls':>6}  op (loops and conditionals include their body)"]
+  rows = [f"{'time ms':>9} {'share':>6} {'calls':>6}  op (a loop or conditional includes its body)"]
   for name, ns in total.most_common(n):
     rows.append(f"{ns / 1e6:>9.1f} {100 * ns / max(flat, 1):>5.1f}% {count[name]:>6}  {name}")
   return "\n".join(rows)

@@ -91,7 +91,7 @@ class Layer(nn.Module):
 
 
 class ReleaseModel(nn.Module):
-  """bipe_* kinds as the release; rope and alibi the same model on flat positions, no intra table."""
+  """bipe_* kinds as the release; rope, alibi: the same on flat positions, no intra table."""
 
   def __init__(self, kind, vocab=32000, d=768, layers=12, heads=12, ff=3072, max_intra=1024):
     super().__init__()
@@ -165,7 +165,8 @@ def measure(kind: str, length: int, repeats: int) -> dict:
   return _result(kind, length, "release eval (torch eager)", loss, first, best, length)
 
 
-def measure_train(kind: str, length: int, batch: int, repeats: int, dims: dict | None = None) -> dict:
+def measure_train(kind: str, length: int, batch: int, repeats: int,
+                  dims: dict | None = None) -> dict:
   """One training step: forward, backward, AdamW (lr 1e-4, wd 0.01) on [batch, length]."""
   model, tokens = _model_and_tokens(kind, length, batch, dims)
   model.train()
@@ -192,13 +193,14 @@ def _result(kind, length, impl, loss, first, best, tokens) -> dict:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--kind", default="bipe_rope", choices=["bipe_rope", "bipe_alibi", "rope", "alibi"])
+  ap.add_argument("--kind", default="bipe_rope",
+                  choices=["bipe_rope", "bipe_alibi", "rope", "alibi"])
   ap.add_argument("--length", type=int, default=1024)
   ap.add_argument("--repeats", type=int, default=2, help="timed runs after the first")
   ap.add_argument("--train", action="store_true", help="time a training step instead")
   ap.add_argument("--batch", type=int, default=1, help="rows per training step")
-  ap.add_argument("--dims", default="", help="model size for --train, e.g. d=64,layers=2,heads=2,ff=128 "
-                  "(default the 151M model)")
+  ap.add_argument("--dims", default="",
+                  help="model size for --train, e.g. d=64,layers=2,heads=2,ff=128 (default 151M)")
   args = ap.parse_args(argv)
   if args.train:
     dims = {k: int(v) for k, v in (item.split("=") for item in args.dims.split(",") if item)}

@@ -16,7 +16,7 @@ own peak memory).
   python benchmarks/train_step.py --baseline --rounds 3 --kinds bipe_rope,rope
   python benchmarks/train_step.py --rounds 3 --kinds bipe_rope,bipe_alibi
   python benchmarks/train_step.py --kinds bipe_alibi --set train.remat=dots
-  python benchmarks/train_step.py --quick --baseline --kinds bipe_rope,alibi   # tiny, checks the script
+  python benchmarks/train_step.py --quick --baseline --kinds bipe_rope,alibi   # checks the script
   python benchmarks/train_step.py --profile /tmp/trace       # + the costliest XLA ops of one step
   python benchmarks/train_step.py --malloc default           # glibc's malloc as it comes
 
@@ -165,7 +165,8 @@ def _row(name: str, r: dict) -> str:
 def _parse(argv):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--kinds", default="bipe_rope",
-                  help=f"comma-separated pe kinds, each from configs/KIND_151m.py ({','.join(KINDS)})")
+                  help=f"comma-separated pe kinds, each from configs/KIND_151m.py "
+                       f"({','.join(KINDS)})")
   ap.add_argument("--config", default=None, help="one config file instead of --kinds")
   ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                   help="config overrides, e.g. train.remat=dots model.dtype=bfloat16")
@@ -207,10 +208,9 @@ def main(argv=None):
     return
   env = dict(os.environ, XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
                                                           args.xla_flags])))
+  peak = f"{args.peak_tflops} TFLOP/s" if args.peak_tflops else "the measured float32 matmul rate"
   print(f"XLA_FLAGS={env['XLA_FLAGS']!r}; {os.cpu_count()} CPUs; batch {args.batch} x "
-        f"{args.seq_len} tokens; MFU against "
-        f"{f'{args.peak_tflops} TFLOP/s' if args.peak_tflops else 'the measured float32 matmul rate'}",
-        flush=True)
+        f"{args.seq_len} tokens; MFU against {peak}", flush=True)
   print(f"{'round what':<30} {'tokens/s':>9} {'best s':>7} {'MFU %':>5} {'peak RSS GB':>11} "
         f"{'1st s':>6} {'loss':>7} {'load':>5} {'faults':>8}", flush=True)
   configs = ([args.config] if args.config else
@@ -247,9 +247,10 @@ def _summary(ours: dict, ratios: dict) -> None:
   print("summary (best step per kind over rounds):")
   for kind, rs in ours.items():
     best = min(rs, key=lambda r: r["best_s"])
+    mfu = 100 * best["model_tflop"] * 1e3 / best["best_s"] / best["matmul_gflops"]
     line = (f"  {kind:<11} {best['tokens_per_s']:.1f} tokens/s, step {best['best_s']:.2f} s, "
             f"{best['model_tflop']:.2f} model TFLOP per step, peak {best['matmul_gflops']:.0f} "
-            f"GFLOP/s, MFU {100 * best['model_tflop'] * 1e3 / best['best_s'] / best['matmul_gflops']:.1f}%")
+            f"GFLOP/s, MFU {mfu:.1f}%")
     if kind in ratios:
       line += (f"; vs release per round: {', '.join(f'{x:.2f}' for x in ratios[kind])} "
                f"(min {min(ratios[kind]):.2f}, median {statistics.median(ratios[kind]):.2f})")

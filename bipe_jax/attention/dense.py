@@ -11,8 +11,9 @@ do^T p), because a contraction over the query axis of ds or p makes XLA:CPU
 transpose the whole matrix first (3.4x slower for [12, 1024, 1024]; see
 BENCHMARKS.md).
 
-Same results as `reference`; any `PositionBias` works, and its floating-point leaves receive
-gradients when differentiated (a learned bias); positions get none.
+Same results as `reference`; any `PositionBias` works, and its floating-point
+leaves receive gradients when differentiated (a learned bias); positions get
+none.
 """
 from __future__ import annotations
 
