@@ -84,7 +84,7 @@ def main(argv=None):
   ap.add_argument("--vocab_size", type=int, default=32000, help="tokenizer pieces (trained here)")
   ap.add_argument("--seq_len", type=int, default=1024)
   ap.add_argument("--batch", type=int, default=8, help="rows per batch")
-  ap.add_argument("--batches", type=int, default=50, help="timed batches per packing")
+  ap.add_argument("--batches", type=int, default=200, help="timed batches per packing")
   ap.add_argument("--step_tokens_per_s", type=float, default=0.0,
                   help="the training step's tokens/s (0: measure the 151M step now)")
   args = ap.parse_args(argv)
