@@ -48,17 +48,25 @@ STEPS=(
   "evaluation 8k / 32k|100|$PYTHON benchmarks/eval_long.py --kinds bipe_rope bipe_alibi --lengths 8192 32768 --repeats 2"
 )
 
-# Fail early: the interpreter, the package, every script's flags, the tests.
-"$PYTHON" -c "import jax, bipe_jax, pytest" 2>>"$OUT" \
-  || die "$PYTHON cannot import jax, bipe_jax and pytest (install the package: pip install -e .)"
-"$PYTHON" -c "from bipe_jax.attention import pallas_gpu, cudnn" 2>>"$OUT" \
-  || die "the GPU kernels (bipe_jax.attention.pallas_gpu, cudnn) do not import"
-for script in attention train_step eval_long; do
-  "$PYTHON" "benchmarks/$script.py" --help > /dev/null 2>>"$OUT" \
-    || die "benchmarks/$script.py --help failed (a missing import or flag)"
+# Fail early: the interpreter, the package and kernels, every script's flags, the tests.
+"$PYTHON" -c "import jax, bipe_jax, pytest; from bipe_jax.attention import pallas_gpu, cudnn" \
+  2>>"$OUT" || die "$PYTHON cannot import jax, bipe_jax (with its GPU kernels) and pytest" \
+                   "(install the package: pip install -e .)"
+SCRIPTS=(attention train_step eval_long)
+PIDS=()
+for script in "${SCRIPTS[@]}"; do     # in parallel: each imports JAX
+  "$PYTHON" "benchmarks/$script.py" --help > /dev/null 2>>"$OUT" &
+  PIDS+=($!)
 done
-n_tests=$("$PYTHON" -m pytest -q --collect-only tests/test_attention.py -k hardware 2>>"$OUT" \
-  | grep -c "::" || true)
+COLLECTED="$(mktemp)"
+"$PYTHON" -m pytest -q --collect-only tests/test_attention.py -k hardware > "$COLLECTED" 2>>"$OUT" &
+COLLECT_PID=$!
+for i in "${!SCRIPTS[@]}"; do
+  wait "${PIDS[$i]}" || die "benchmarks/${SCRIPTS[$i]}.py --help failed (a missing import or flag)"
+done
+wait "$COLLECT_PID" || true
+n_tests=$(grep -c "::" "$COLLECTED" || true)
+rm -f "$COLLECTED"
 [[ "$n_tests" -gt 0 ]] || die "no hardware kernel tests collected from tests/test_attention.py"
 
 if [[ $DRY -eq 0 ]]; then
