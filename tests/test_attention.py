@@ -279,7 +279,7 @@ def test_dispatch_routes_by_backend_bias_and_dtype():
 @pytest.mark.parametrize("impl,pe_kind,backend,words", [
     ("cudnn", "bipe_alibi", "gpu", ["'cudnn'", "'bipe_alibi'", "pallas"]),
     ("pallas", "bipe_fire", "tpu", ["'pallas'", "'bipe_fire'", "chunked"]),
-    ("pallas", None, "cpu", ["'pallas'", "'cpu'", "reference, chunked"]),
+    ("pallas", None, "cpu", ["'pallas'", "'cpu'", "reference, dense, chunked"]),
     ("cudnn", "bipe_rope", "tpu", ["'cudnn'", "'tpu'"]),
     ("flash", None, None, ["'flash'", "auto, reference"]),
 ])
