@@ -236,7 +236,7 @@ class Generator:
     cache = KVCache.zeros(self.model.cfg, b, max_len)
     cache = self._constrain(cache, cache.logical_axes())
     logits_BPV, cache = self.model.apply({"params": params}, dict(tokens=tokens_BP, **ids),
-                                         cache=cache)
+                                         cache=cache, last_only=not keep)
     v = logits_BPV.shape[-1]
     carry = Carry(cache=cache, ids=state, logits_BV=logits_BPV[:, -1],
                   done_B=jnp.zeros((b,), bool),
