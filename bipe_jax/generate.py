@@ -69,14 +69,15 @@ class TextStream:
   across calls is printed once its last byte arrives.
   """
 
-  def __init__(self, tokenizer, out=sys.stdout):
+  def __init__(self, tokenizer, out=None):
     self.tok, self.out, self.ids, self.shown = tokenizer, out, [], 0
 
   def __call__(self, new_BN) -> None:
     self.ids.extend(int(t) for t in new_BN[0])
     text = self.tok.decode(self.ids).rstrip("\ufffd")
-    self.out.write(text[self.shown:])
-    self.out.flush()
+    out = self.out or sys.stdout
+    out.write(text[self.shown:])
+    out.flush()
     self.shown = max(self.shown, len(text))
 
 
