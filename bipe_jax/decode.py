@@ -1,6 +1,6 @@
 """Cached decoding for every encoding kind: prefill a prompt, then one token at a time.
 
-    gen = Generator(model, PositionRule.from_config(config, tokenizer, table))
+    gen = Generator(model, positions.PositionRule.from_config(config, tokenizer, table))
     out = gen(params, prompts, max_new=64, sampling=Sampling(temperature=0.8, top_p=0.9))
 
 Prompts of different lengths share a batch by LEFT padding: row b's prompt of
@@ -10,11 +10,11 @@ and position ids restart at each row's first real token, so a row's logits do
 not depend on the padding in front of it. Every row then writes its next token
 at the same slot, one shared cache index.
 
-Position ids are produced on device, token by token, by `step_ids`: the rule of
-`positions.BilevelState` (intra/inter of the next token; a separator ends its
-segment) plus the pipeline's document restarts (a BOS token starts a new
-document when `data.packing` is not "windows"), vectorised over the batch.
-Tests check it against `positions.bilevel_ids` on whole rows.
+Position ids are produced on device, token by token, by `positions.step_ids`:
+the rule of `positions.BilevelState` (intra/inter of the next token; a
+separator ends its segment) plus the pipeline's document restarts (a BOS token
+starts a new document when `data.packing` is not "windows"), vectorised over
+the batch. Tests check it against `positions.bilevel_ids` on whole rows.
 
 The model is called through its ordinary path (`Decoder(batch, cache=...)`):
 the prompt goes through the training attention kernels, the encoding rotates
@@ -38,77 +38,10 @@ from jax.sharding import PartitionSpec as P
 
 from bipe_jax import sharding
 from bipe_jax.kv_cache import PAD_DOC, KVCache
+from bipe_jax.positions import IdState, PositionRule, row_ids, step_ids
 
 PROMPT_MULTIPLE = 16   # prompt slots round up to this, so few shapes compile
 CACHE_MULTIPLE = 64
-
-
-# Position ids, token by token ---------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class PositionRule:
-  """How position ids follow from tokens (what the training pipeline did).
-
-  is_separator: bool [V]; max_intra: intra ids clip to max_intra - 1 (None:
-  no clip); bos_id: the token that starts a document; restart_docs: a BOS
-  restarts every counter (data.packing "documents"), else ids run on.
-  """
-  is_separator: np.ndarray
-  max_intra: int | None
-  bos_id: int
-  restart_docs: bool
-
-  @classmethod
-  def from_config(cls, config, tokenizer, is_separator) -> "PositionRule":
-    return cls(np.asarray(is_separator, bool), int(config.pe.max_intra), int(tokenizer.bos_id),
-               config.data.packing != "windows")
-
-
-@flax.struct.dataclass
-class IdState:
-  """Per row [B]: the ids the next token gets unless it starts a document.
-
-  intra (unclipped) / inter as positions.BilevelState; pos: flat index in the
-  document; doc: document id.
-  """
-  intra: jnp.ndarray
-  inter: jnp.ndarray
-  pos: jnp.ndarray
-  doc: jnp.ndarray
-
-  @classmethod
-  def start(cls, batch: int) -> "IdState":
-    z = jnp.zeros((batch,), jnp.int32)
-    return cls(z, z, z, z)
-
-
-def step_ids(state: IdState, tok_B, valid_B, is_sep_V, rule: PositionRule):
-  """Ids of one new token per row and the state after it.
-
-  Returns ({intra, inter, positions, doc_ids} of [B] int32, next state). A row
-  with valid False (padding, or already stopped) keeps its state and gets
-  document PAD_DOC.
-  """
-  new_doc = (tok_B == rule.bos_id) & rule.restart_docs
-  doc = state.doc + new_doc
-  fresh = lambda x: jnp.where(new_doc, 0, x)
-  intra, inter, pos = fresh(state.intra), fresh(state.inter), fresh(state.pos)
-  clipped = intra if rule.max_intra is None else jnp.minimum(intra, rule.max_intra - 1)
-  ids = dict(intra=clipped, inter=inter, positions=pos, doc_ids=jnp.where(valid_B, doc, PAD_DOC))
-  # positions.BilevelState.advance: a separator ends its segment.
-  sep = is_sep_V[tok_B]
-  nxt = IdState(jnp.where(sep, 0, intra + 1), inter + sep, pos + 1, doc)
-  nxt = jax.tree.map(lambda n, o: jnp.where(valid_B, n, o), nxt, state)
-  return jax.tree.map(lambda x: x.astype(jnp.int32), ids), nxt
-
-
-def row_ids(state: IdState, tokens_BT, valid_BT, is_sep_V, rule: PositionRule):
-  """`step_ids` over T tokens per row: ({name: [B, T] int32}, state after them)."""
-  def body(s, xs):
-    ids, s = step_ids(s, xs[0], xs[1], is_sep_V, rule)
-    return s, ids
-  state, ids = jax.lax.scan(body, state, (tokens_BT.T, valid_BT.T))
-  return {k: v.T for k, v in ids.items()}, state
 
 
 # Sampling -----------------------------------------------------------------------
@@ -232,7 +165,7 @@ class Generator:
   def _prefill_fn(self, params, tokens_BP, valid_BP, table, max_len: int, max_new: int,
                   keep: bool):
     b = tokens_BP.shape[0]
-    ids, state = row_ids(IdState.start(b), tokens_BP, valid_BP, table, self.rule)
+    ids, state = row_ids(IdState.start(b), tokens_BP, valid_BP, table, self.rule, PAD_DOC)
     cache = KVCache.zeros(self.model.cfg, b, max_len)
     cache = self._constrain(cache, cache.logical_axes())
     logits_BPV, cache = self.model.apply({"params": params}, dict(tokens=tokens_BP, **ids),
@@ -262,7 +195,7 @@ class Generator:
       kept = None
       if c.kept_BNV is not None:
         kept = jax.lax.dynamic_update_index_in_dim(c.kept_BNV, c.logits_BV, c.n, 1)
-      ids, state = step_ids(c.ids, tok_B, ~c.done_B, table, self.rule)
+      ids, state = step_ids(c.ids, tok_B, ~c.done_B, table, self.rule, PAD_DOC)
       batch = {k: v[:, None] for k, v in dict(tokens=tok_B, **ids).items()}
       logits_B1V, cache = self.model.apply({"params": params}, batch, cache=c.cache)
       return Carry(cache=cache, ids=state, logits_BV=logits_B1V[:, 0],

@@ -5,13 +5,19 @@ A separator token ends a segment and belongs to the segment it ends. For token t
   intra[t] = t - first index of t's segment (position inside the segment),
 both restarting at every document start when `doc_ids` are given.
 
-The same rule, one token at a time, is `BilevelState.advance`, which cached
-decoding uses so that the pipeline and generation can never disagree.
+The same rule, one token at a time, is `BilevelState.advance`; `step_ids` is
+that rule in jnp for a batch of rows at once, with the pipeline's document
+restarts, and cached decoding (bipe_jax.decode) runs it on device, so the
+pipeline and generation can never disagree (tests check it against
+`bilevel_ids` on whole rows).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -114,3 +120,72 @@ class BilevelState:
     if is_sep:
       return dataclasses.replace(self, intra=0, inter=self.inter + 1)
     return dataclasses.replace(self, intra=self.intra + 1)
+
+
+# Token by token on device, vectorised over a batch (cached decoding) ------------
+
+@dataclasses.dataclass(frozen=True)
+class PositionRule:
+  """How position ids follow from tokens (what the training pipeline did).
+
+  is_separator: bool [V]; max_intra: intra ids clip to max_intra - 1 (None:
+  no clip); bos_id: the token that starts a document; restart_docs: a BOS
+  restarts every counter (data.packing "documents"), else ids run on.
+  """
+  is_separator: np.ndarray
+  max_intra: int | None
+  bos_id: int
+  restart_docs: bool
+
+  @classmethod
+  def from_config(cls, config, tokenizer, is_separator) -> "PositionRule":
+    return cls(np.asarray(is_separator, bool), int(config.pe.max_intra), int(tokenizer.bos_id),
+               config.data.packing != "windows")
+
+
+class IdState(NamedTuple):
+  """Per row [B]: the ids the next token gets unless it starts a document.
+
+  intra (unclipped) / inter as BilevelState; pos: flat index in the document;
+  doc: document id.
+  """
+  intra: jnp.ndarray
+  inter: jnp.ndarray
+  pos: jnp.ndarray
+  doc: jnp.ndarray
+
+  @classmethod
+  def start(cls, batch: int) -> "IdState":
+    z = jnp.zeros((batch,), jnp.int32)
+    return cls(z, z, z, z)
+
+
+def step_ids(state: IdState, tok_B, valid_B, is_sep_V, rule: PositionRule, pad_doc: int = -1):
+  """Ids of one new token per row and the state after it (jnp, jittable).
+
+  tok_B, valid_B: [B]; is_sep_V: bool [V] on device. Returns ({intra, inter,
+  positions, doc_ids} of [B] int32, next state). A row with valid False
+  (padding, or a row that has stopped) keeps its state and gets document
+  `pad_doc`.
+  """
+  new_doc = (tok_B == rule.bos_id) & rule.restart_docs
+  doc = state.doc + new_doc
+  fresh = lambda x: jnp.where(new_doc, 0, x)
+  intra, inter, pos = fresh(state.intra), fresh(state.inter), fresh(state.pos)
+  clipped = intra if rule.max_intra is None else jnp.minimum(intra, rule.max_intra - 1)
+  ids = dict(intra=clipped, inter=inter, positions=pos, doc_ids=jnp.where(valid_B, doc, pad_doc))
+  # BilevelState.advance: a separator ends its segment.
+  sep = is_sep_V[tok_B]
+  nxt = IdState(jnp.where(sep, 0, intra + 1), inter + sep, pos + 1, doc)
+  nxt = jax.tree.map(lambda n, o: jnp.where(valid_B, n, o), nxt, state)
+  return jax.tree.map(lambda x: x.astype(jnp.int32), ids), nxt
+
+
+def row_ids(state: IdState, tokens_BT, valid_BT, is_sep_V, rule: PositionRule,
+            pad_doc: int = -1):
+  """`step_ids` over T tokens per row: ({name: [B, T] int32}, state after them)."""
+  def body(s, xs):
+    ids, s = step_ids(s, xs[0], xs[1], is_sep_V, rule, pad_doc)
+    return s, ids
+  state, ids = jax.lax.scan(body, state, (tokens_BT.T, valid_BT.T))
+  return {k: v.T for k, v in ids.items()}, state

@@ -31,7 +31,7 @@ def _table():
 
 
 def _rule(restart=True):
-  return decode.PositionRule(_table(), MAX_INTRA, BOS, restart)
+  return positions.PositionRule(_table(), MAX_INTRA, BOS, restart)
 
 
 def _model(kind, impl="reference", **kw):
@@ -89,7 +89,8 @@ def test_step_ids_equal_pipeline_ids_and_bilevel_state():
     # Row 2 is left-padded by 5: its ids must be those of the unpadded row.
     valid = np.ones_like(tokens, bool)
     valid[2, :5] = False
-    ids, _ = decode.row_ids(decode.IdState.start(3), tokens, valid, table, _rule(restart))
+    ids, _ = positions.row_ids(positions.IdState.start(3), tokens, valid, table, _rule(restart),
+                               decode.PAD_DOC)
     for b in range(3):
       want = full_ids(tokens[b:b + 1, 5 if b == 2 else 0:], restart)
       for name in ("intra", "inter", "positions"):
@@ -99,10 +100,10 @@ def test_step_ids_equal_pipeline_ids_and_bilevel_state():
       assert (doc[~valid[b]] == decode.PAD_DOC).all()
       np.testing.assert_array_equal(np.diff(doc[valid[b]]) != 0, np.diff(want["doc_ids"][0]) != 0)
   # One document, no clipping: the state after each token is BilevelState's.
-  rule = decode.PositionRule(_table(), None, BOS, False)
-  state, ref = decode.IdState.start(1), positions.BilevelState()
+  rule = positions.PositionRule(_table(), None, BOS, False)
+  state, ref = positions.IdState.start(1), positions.BilevelState()
   for tok in tokens[0]:
-    _, state = decode.step_ids(state, jax.numpy.asarray([tok]), jax.numpy.asarray([True]),
+    _, state = positions.step_ids(state, jax.numpy.asarray([tok]), jax.numpy.asarray([True]),
                                table, rule)
     ref = ref.advance(bool(_table()[tok]))
     assert (int(state.intra[0]), int(state.inter[0])) == (ref.intra, ref.inter)
