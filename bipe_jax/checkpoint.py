@@ -24,7 +24,14 @@ class CheckpointError(RuntimeError):
 
 
 class ShapeMismatch(CheckpointError):
-  """The config builds arrays of other shapes (or other arrays) than a checkpoint holds."""
+  """The config builds arrays of other shapes (or other arrays) than a checkpoint holds.
+
+  `diffs`: one 'name: saved S vs configured C' line per array (shape_differences).
+  """
+
+  def __init__(self, message: str, diffs=()):
+    super().__init__(message)
+    self.diffs = list(diffs)
 
 
 class Damaged(CheckpointError):
@@ -86,6 +93,12 @@ def shape_differences(abstract_state, saved_metadata) -> list[str]:
             if k not in have]
   diffs += [f"{k}: saved {v}, not in this config" for k, v in have.items() if k not in want]
   return diffs
+
+
+def format_diffs(diffs: list[str], shown: int = 6) -> str:
+  """The first `shown` shape differences, joined, with how many more there are."""
+  more = len(diffs) - shown
+  return "; ".join(diffs[:shown]) + (f"; and {more} more" if more > 0 else "")
 
 
 class Checkpointer:
@@ -179,11 +192,11 @@ class Checkpointer:
       raise Damaged(f"checkpoint step {step} has no readable state metadata")
     diffs = shape_differences(abstract_state, saved)
     if diffs:
-      shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
       raise ShapeMismatch(
           f"the checkpoint at step {step} in {self.manager.directory} holds arrays of "
-          f"another shape than this config builds: {shown}. Set the config back to the "
-          "one saved with the checkpoints (config.json in the work dir), or use a new --workdir")
+          f"another shape than this config builds: {format_diffs(diffs)}. Set the config "
+          "back to the one saved with the checkpoints (config.json in the work dir), or use "
+          "a new --workdir", diffs)
 
   def _set_aside(self, step: int) -> str:
     """Moves checkpoint `step` out of the manager's sight (process 0 moves, all wait)."""

@@ -12,7 +12,7 @@ import ml_collections
 
 from bipe_jax import encodings, model
 from bipe_jax.configs import base
-from bipe_jax.data import pipeline, sources, tokenizer
+from bipe_jax.data import levels, pipeline, sources, tokenizer
 
 
 class ConfigError(ValueError):
@@ -147,6 +147,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     encodings.get(config.pe.kind).check_attention(config.attention.impl)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  try:
+    levels.parse_ids(config.pe.levels, config.segmentation.separator_ids,
+                              config.segmentation.level_separator_ids)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.pe.levels > 2 and config.data.source == "arithmetic":
+    raise ConfigError(f"pe.levels={config.pe.levels} with data.source='arithmetic': its "
+                      "accuracy decodes with two levels only; use pe.levels=2")
   if not 0.0 <= config.data.heldout_fraction < 1.0:
     raise ConfigError(f"data.heldout_fraction={config.data.heldout_fraction} must be in [0, 1)")
   lengths = tuple(config.eval.lengths)

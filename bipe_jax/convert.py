@@ -1,6 +1,7 @@
-"""bipe-convert: an authors' release checkpoint -> an orbax checkpoint of ours.
+"""bipe-convert: an authors' release checkpoint <-> an orbax checkpoint of ours.
 
     python -m bipe_jax.convert --hf_checkpoint=DIR --workdir=OUT
+    python -m bipe_jax.convert --to_hf=OUT --workdir=DIR   (export, interop.export)
 
 Writes a work dir like bipe-train's: OUT/config.json (the experiment config
 reproducing the release) and OUT/checkpoints/0 holding a train
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 
 from bipe_jax import checkpoint, cli
 from bipe_jax import config as config_lib
-from bipe_jax.interop import release
+from bipe_jax.interop import export, release
 from bipe_jax.trainer import Trainer, TrainState
 
 
@@ -46,11 +47,23 @@ def convert(hf_checkpoint: str, workdir: str) -> str:
 def define_flags() -> None:
   flags.DEFINE_string("hf_checkpoint", None, "Release directory: config.json + "
                       "model.safetensors (+ tokenizer.model).")
-  flags.DEFINE_string("workdir", None, "Output work dir for the orbax checkpoint.")
+  flags.DEFINE_string("workdir", None, "Output work dir for the orbax checkpoint (with "
+                      "--to_hf: the work dir to export).")
+  flags.DEFINE_string("to_hf", None, "Export --workdir's latest checkpoint (bipe_rope or "
+                      "rope) to this directory in the release's HF Llama layout.")
 
 
 def main(overrides) -> None:
   f = flags.FLAGS
+  if f.to_hf is not None:
+    if f.hf_checkpoint is not None:
+      raise config_lib.ConfigError("--to_hf exports and --hf_checkpoint imports; pass one")
+    cli.required("--to_hf=OUT --workdir=runs/quickstart", workdir=f.workdir)
+    if overrides:
+      raise config_lib.ConfigError(f"bipe-convert --to_hf takes no --config.KEY=VALUE "
+                                   f"({overrides[0][0]}): it exports the model as trained")
+    print(f"wrote {export.export(f.workdir, f.to_hf)}")
+    return
   cli.required("--hf_checkpoint=RELEASE_DIR --workdir=OUT", hf_checkpoint=f.hf_checkpoint,
                workdir=f.workdir)
   if overrides:

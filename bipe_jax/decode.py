@@ -1,6 +1,6 @@
 """Cached decoding for every encoding kind: prefill a prompt, then one token at a time.
 
-    gen = Generator(model, positions.PositionRule.from_config(config, tokenizer, table))
+    gen = Generator(model, position_rule(config, tokenizer, corpus.separators))
     out = gen(params, prompts, max_new=64, sampling=Sampling(temperature=0.8, top_p=0.9))
 
 Prompts of different lengths share a batch by LEFT padding: row b's prompt of
@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from bipe_jax import sharding
+from bipe_jax.data import pipeline
 from bipe_jax.kv_cache import PAD_DOC, KVCache
 from bipe_jax.positions import IdState, PositionRule, row_ids, step_ids
 
@@ -119,6 +120,13 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+def position_rule(config, tokenizer, separators) -> PositionRule:
+  """The id rule of a run: its separators (a bool [V] table or the corpus's
+  LevelSeparators), clip bounds and document restarts, as its pipeline had them."""
+  return PositionRule(separators, pipeline.level_bounds(config), int(tokenizer.bos_id),
+                      config.data.packing != "windows")
+
+
 class Generator:
   """Cached decoding with a bipe_jax.model.Decoder.
 
@@ -133,16 +141,17 @@ class Generator:
     # Rows are padded to a multiple of the data-parallel size, so they split evenly.
     self.dp = 1 if mesh is None or rules is None else sharding.data_parallel_size(
         dict(mesh.shape), rules)
-    self.table = jnp.asarray(rule.is_separator)
+    self.tables = jax.tree.map(jnp.asarray, rule.tables())
     self._cache = {}
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "max_new", "keep"))
     self._decode = jax.jit(self._decode_fn, donate_argnums=1,
                            static_argnames=("sampling", "stop", "chunk"))
 
   @classmethod
-  def for_trainer(cls, trainer, tokenizer, is_separator) -> "Generator":
-    """A Generator for a bipe_jax.trainer.Trainer's model, on its mesh."""
-    return cls(trainer.model, PositionRule.from_config(trainer.config, tokenizer, is_separator),
+  def for_trainer(cls, trainer, tokenizer, separators) -> "Generator":
+    """A Generator for a bipe_jax.trainer.Trainer's model, on its mesh;
+    `separators` as the run's pipeline had them (Corpus.separators)."""
+    return cls(trainer.model, position_rule(trainer.config, tokenizer, separators),
                trainer.mesh, trainer.rules, tokenizer.pad_id)
 
   # Jitted pieces ----------------------------------------------------------------
@@ -162,10 +171,11 @@ class Generator:
                  kept_BNV=None if c.kept_BNV is None else rows3)
     return self._constrain(c, axes)
 
-  def _prefill_fn(self, params, tokens_BP, valid_BP, table, max_len: int, max_new: int,
+  def _prefill_fn(self, params, tokens_BP, valid_BP, tables, max_len: int, max_new: int,
                   keep: bool):
     b = tokens_BP.shape[0]
-    ids, state = row_ids(IdState.start(b), tokens_BP, valid_BP, table, self.rule, PAD_DOC)
+    ids, state = row_ids(IdState.start(b, self.rule.levels), tokens_BP, valid_BP, tables,
+                         self.rule, PAD_DOC)
     cache = KVCache.zeros(self.model.cfg, b, max_len)
     cache = self._constrain(cache, cache.logical_axes())
     logits_BPV, cache = self.model.apply({"params": params}, dict(tokens=tokens_BP, **ids),
@@ -195,15 +205,15 @@ class Generator:
       kept = None
       if c.kept_BNV is not None:
         kept = jax.lax.dynamic_update_index_in_dim(c.kept_BNV, c.logits_BV, c.n, 1)
-      ids, state = step_ids(c.ids, tok_B, ~c.done_B, table, self.rule, PAD_DOC)
-      batch = {k: v[:, None] for k, v in dict(tokens=tok_B, **ids).items()}
+      ids, state = step_ids(c.ids, tok_B, ~c.done_B, tables, self.rule, PAD_DOC)
+      batch = {k: v[..., None] for k, v in dict(tokens=tok_B, **ids).items()}
       logits_B1V, cache = self.model.apply({"params": params}, batch, cache=c.cache)
       return Carry(cache=cache, ids=state, logits_BV=logits_B1V[:, 0],
                    done_B=c.done_B | jnp.isin(tok_B, stop_S),
                    out_BN=jax.lax.dynamic_update_index_in_dim(c.out_BN, tok_B, c.n, 1),
                    n=c.n + 1, kept_BNV=kept)
 
-    table = self.table
+    tables = self.tables
     return self._constrain_carry(jax.lax.while_loop(cond, body, carry))
 
   def _compiled(self, args, forced, key, prefill_kw: dict, decode_kw: dict):
@@ -257,7 +267,7 @@ class Generator:
     stop = tuple(sorted({int(t) for t in stop_tokens}))
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       t0 = time.perf_counter()
-      args = (params, tokens, valid, self.table)
+      args = (params, tokens, valid, self.tables)
       prefill, decode = self._compiled(args, forced, key, dict(
           max_len=max_len, max_new=max_new, keep=keep_logits), dict(
               sampling=sampling, stop=stop, chunk=chunk))

@@ -65,7 +65,7 @@ def sliding_batches(config, corpus, window: int, stride: int, max_tokens: int,
     rows = np.stack([np.asarray(stream[k * stride:k * stride + window + 1])
                      for k in range(first, min(n, first + per))])
     doc_ids = None if config.data.packing == "windows" else np.cumsum(rows == bos, axis=1)
-    batch = pipeline.make_batch(rows, corpus.is_separator, config.pe.max_intra, doc_ids)
+    batch = pipeline.make_batch(rows, corpus.separators, pipeline.level_bounds(config), doc_ids)
     batch["loss_mask"][:, :window - stride] = 0.0
     yield batch
 

@@ -137,14 +137,17 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
   if config.data.source == "arithmetic":  # scored by generation, not perplexity
     return arithmetic.evaluate_run(trainer, params, config, corpus, workdir, step)
   train_len = config.data.seq_len
-  print(f"evaluating step {step} of {workdir} (pe.kind={config.pe.kind}, "
+  scaling = config.pe.rope_scaling
+  stretched = f", rope_scaling {scaling.kind} x{scaling.factor:g}" if scaling.kind != "none" else ""
+  print(f"evaluating step {step} of {workdir} (pe.kind={config.pe.kind}{stretched}, "
         f"trained at {train_len} tokens)", flush=True)
   rows = perplexities(trainer, params, config, corpus, lengths,
                       config.eval.max_tokens, config.eval.batch_tokens)
   # The baseline scores the same targets as the model at the shortest length.
   unigram = min(rows, key=lambda r: r["length"])["unigram_ppl"]
   result = dict(workdir=os.path.abspath(workdir), step=step, pe_kind=config.pe.kind,
-                train_length=train_len, unigram_ppl=unigram, results=rows)
+                train_length=train_len, unigram_ppl=unigram, results=rows,
+                rope_scaling=scaling.to_dict())
   result.update(eval_modes.run(trainer, params, config, corpus, lengths, stride, per_position))
   print(format_table(result))
   if jax.process_index() == 0:

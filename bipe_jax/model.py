@@ -1,7 +1,8 @@
 """Llama-style decoder with a pluggable positional encoding (Flax Linen, pure).
 
 Positions are inputs: the batch carries `intra`, `inter`, `positions` (flat
-index within the document) and `doc_ids`, computed by the input pipeline.
+index within the document), `doc_ids` and, with pe.levels > 2, `levels` (the
+ids between intra and inter), computed by the input pipeline.
 Every parameter carries logical axis names; `bipe_jax.sharding` maps them.
 """
 from __future__ import annotations
@@ -85,7 +86,10 @@ class ModelConfig:
   def from_config(cls, config, vocab_size: int) -> "ModelConfig":
     m, pe = config.model, config.pe
     # A key missing from an older saved config takes its default.
-    pe_fields = {k: pe[k] for k in encodings.PE_DEFAULTS if k in pe}
+    # Lists (from a saved config.json) become tuples: the config is hashable.
+    pe_fields = {k: encodings.params.from_config(
+                     d, tuple(pe[k]) if isinstance(pe[k], list) else pe[k])
+                 for k, d in encodings.PE_DEFAULTS.items() if k in pe}
     return cls(vocab_size=vocab_size, d_model=m.d_model, n_layers=m.n_layers,
                n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, d_ff=m.d_ff,
                norm_eps=m.norm_eps, init_std=m.init_std, dtype=m.dtype,
@@ -210,7 +214,7 @@ class Decoder(nn.Module):
   """Returns float32 logits [B, L, V] for a batch dict (see bipe_jax.data.pipeline).
 
   The batch needs tokens, positions, doc_ids, and intra/inter for bilevel
-  kinds (all [B, L] int). `train=True` is passed by the train step together
+  kinds (all [B, L] int), and levels [B, K-2, L] int with pe.levels = K > 2. `train=True` is passed by the train step together
   with an rng stream named "positions" (randomized kinds draw from it).
 
   cache: a kv_cache.KVCache for cached decoding (bipe_jax.decode): the batch

@@ -4,6 +4,7 @@
         [--config.pe.kind=bipe_alibi --config.train.steps=500 ...]
 
 Starting again with the same --workdir resumes from its latest checkpoint.
+`--init_from=DIR` starts a new run from DIR's parameters (bipe_jax.warm_start).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 from absl import flags, logging
 import jax
 
-from bipe_jax import checkpoint, cli, metrics, sharding, stopping
+from bipe_jax import checkpoint, cli, metrics, sharding, stopping, warm_start
 from bipe_jax import config as config_lib
 from bipe_jax.data import pipeline
 from bipe_jax.trainer import Trainer, lr_schedule
@@ -31,6 +32,8 @@ def train(config, workdir: str) -> dict:
   """
   config_lib.validate(config)
   _prepare_workdir(workdir)
+  if config.train.init_from:
+    warm_start.prepare(config, workdir)
   lead = jax.process_index() == 0
   with sharding.process_zero_first("bipe_jax: work dir ready"):
     corpus = pipeline.prepare(config, workdir)
@@ -47,6 +50,8 @@ def train(config, workdir: str) -> dict:
     print(f"resuming from step {start} in {workdir}", flush=True)
   else:
     state = trainer.init(jax.random.key(config.seed))
+    if t.init_from:
+      state = warm_start.load_params(trainer, state, t.init_from)
     start = 0
   if lead:  # only once the checkpoints are known to fit it: bipe-eval reads it
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -160,6 +165,9 @@ def define_flags() -> None:
   flags.DEFINE_string("config", None, "Config file, e.g. configs/quickstart.py; change "
                       "any of its values with --config.KEY=VALUE (e.g. --config.train.steps=500).")
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and caches.")
+  flags.DEFINE_string("init_from", None, "Start from the parameters of this work dir's "
+                      "latest checkpoint (fresh optimizer, step 0); same as "
+                      "--config.train.init_from.")
   sharding.define_flags()
 
 
@@ -167,6 +175,11 @@ def main(overrides) -> None:
   f = flags.FLAGS
   cli.required("--config=configs/quickstart.py --workdir=runs/quickstart",
                config=f.config, workdir=f.workdir)
+  if f.init_from is not None:
+    if any(key == "train.init_from" for key, _ in overrides):
+      raise config_lib.ConfigError("--init_from and --config.train.init_from set the same "
+                                   "thing; pass one")
+    overrides = [*overrides, ("train.init_from", f.init_from)]
   config = cli.apply_overrides(config_lib.load_file(f.config), overrides)
   sharding.initialize_from_flags()
   train(config, f.workdir)

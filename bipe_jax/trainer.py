@@ -47,10 +47,13 @@ def make_optimizer(t) -> optax.GradientTransformation:
                   mask=decay_mask))
 
 
-def dummy_batch(batch_size: int, seq_len: int) -> dict:
+def dummy_batch(batch_size: int, seq_len: int, levels: int = 2) -> dict:
   z = np.zeros((batch_size, seq_len), np.int32)
-  return dict(tokens=z, targets=z, intra=z, inter=z, positions=z, doc_ids=z,
-              loss_mask=np.ones((batch_size, seq_len), np.float32))
+  out = dict(tokens=z, targets=z, intra=z, inter=z, positions=z, doc_ids=z,
+             loss_mask=np.ones((batch_size, seq_len), np.float32))
+  if levels > 2:
+    out["levels"] = np.zeros((batch_size, levels - 2, seq_len), np.int32)
+  return out
 
 
 def micro_batches(batch: dict, k: int) -> dict:
@@ -96,7 +99,8 @@ class Trainer:
   # State ------------------------------------------------------------------------
 
   def _boxed_params(self, key):
-    return self.model.init(key, dummy_batch(1, self.config.data.seq_len))["params"]
+    return self.model.init(key, dummy_batch(1, self.config.data.seq_len,
+                                            self.config.pe.levels))["params"]
 
   def _init(self, key) -> TrainState:
     params = nn.meta.unbox(self._boxed_params(key))

@@ -7,7 +7,9 @@
 A sweep file's `get_config()` returns an ml_collections ConfigDict with
   base:      config file every run starts from (relative to the repository root)
   overrides: ((key, value), ...) applied to every run
-  product:   ((key, (value, ...)), ...) the axes; runs are their product, in order
+  product:   ((key, (value, ...)), ...) the axes; runs are their product, in order.
+             An axis may set several keys together: ((key, key), ((v, v), ...)),
+             e.g. pe.kind and pe.levels, for combinations that are not a product
   root:      directory holding one work dir per run (default runs/sweeps/<file name>)
   eval_args: extra bipe-eval flags, e.g. ("--stride=64",)
 A run's work dir is <root>/<key>=<value>__<key>=<value>... over the product axes.
@@ -88,14 +90,22 @@ def expand(sweep, root: str | None = None, sweep_path: str = "sweep") -> list[Ru
   if not product or any(not values for _, values in product):
     raise SweepError("sweep product must name at least one key, each with at least one value")
   keys = [k for k, _ in product]
-  if len(set(keys)) != len(keys):
-    raise SweepError(f"sweep product names a key twice: {keys}")
+  flat = [k for ks in keys for k in (ks if isinstance(ks, (tuple, list)) else [ks])]
+  if len(set(flat)) != len(flat):
+    raise SweepError(f"sweep product names a key twice: {flat}")
+  for ks, values in product:
+    if isinstance(ks, (tuple, list)) and any(
+        not isinstance(v, (tuple, list)) or len(v) != len(ks) for v in values):
+      raise SweepError(f"sweep axis {tuple(ks)} sets {len(ks)} keys together: each of its "
+                       f"values must be a tuple of {len(ks)}, got {values}")
   fixed = [(k, v) for k, v in sweep.get("overrides", ())]
   root = root or sweep.get("root") or os.path.join(
       "runs", "sweeps", os.path.splitext(os.path.basename(sweep_path))[0])
   runs = []
   for values in itertools.product(*[v for _, v in product]):
-    axes = list(zip(keys, values))
+    axes = []
+    for ks, v in zip(keys, values):
+      axes += list(zip(ks, v)) if isinstance(ks, (tuple, list)) else [(ks, v)]
     name = run_name(axes)
     runs.append(Run(name, os.path.join(root, name), fixed + axes))
   names = [r.name for r in runs]

@@ -298,8 +298,8 @@ def test_glob_names_what_it_skips(tmp_path, caplog):
   with caplog.at_level("WARNING"):
     assert sources.list_files(f"{tmp_path}/*.txt") == [f"{tmp_path}/a.txt"]
   text = caplog.text
-  assert f"matches 1 directory, skipped" in text and f"{tmp_path}/dir.txt" in text
-  assert f"matches 1 dangling symlink, skipped" in text and f"{tmp_path}/broken.txt" in text
+  assert "matches 1 directory, skipped" in text and f"{tmp_path}/dir.txt" in text
+  assert "matches 1 dangling symlink, skipped" in text and f"{tmp_path}/broken.txt" in text
   caplog.clear()
   shutil.rmtree(tmp_path / "dir.txt")
   os.remove(tmp_path / "broken.txt")

@@ -19,7 +19,7 @@ def _corpus(n_tokens=700, packing="windows"):
   rng = np.random.default_rng(0)
   table = rng.random(V) < 0.1
   stream = np.arange(n_tokens, dtype=np.int32) % V
-  corpus = types.SimpleNamespace(heldout_tokens=stream, is_separator=table,
+  corpus = types.SimpleNamespace(heldout_tokens=stream, is_separator=table, separators=table,
                                  tokenizer=types.SimpleNamespace(bos_id=1))
   c = tiny_config()
   c.data.packing = packing

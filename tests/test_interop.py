@@ -8,7 +8,6 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from safetensors import numpy as st_numpy
 

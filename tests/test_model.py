@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bipe_jax import encodings, positions
+from bipe_jax import encodings
 from bipe_jax.attention import PositionBias
 from bipe_jax.data import pipeline
 from bipe_jax.encodings import registry

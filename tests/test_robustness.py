@@ -207,7 +207,7 @@ def test_truncated_latest_checkpoint_falls_back_with_warning(uninterrupted, tmp_
 def test_divergence_stops_with_step_and_last_good_checkpoint(tmp_path):
   config = _config(60)
   workdir = str(tmp_path / "nan")
-  out = train.train(config, workdir)   # a good run to step 60, checkpoints 25, 50, 60
+  train.train(config, workdir)   # a good run to step 60, checkpoints 25, 50, 60
   config.train.steps = 120
   config.train.lr = 1e30
   config.train.warmup_steps = 0

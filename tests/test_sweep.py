@@ -32,6 +32,29 @@ def test_expansion_order_names_and_overrides():
     assert sweep.expand(sweep.load_sweep(os.path.join(REPO, "configs", "sweeps", f"{name}.py")))
 
 
+def test_an_axis_sets_several_keys_together():
+  for name in ("levels_stdlib", "levels_prose"):
+    s = sweep.load_sweep(os.path.join(REPO, "configs", "sweeps", f"{name}.py"))
+    runs = sweep.expand(s, "R")
+    variants = [("rope", 2), ("bipe_rope", 2), ("bipe_rope", 3),
+                ("alibi", 2), ("bipe_alibi", 2), ("bipe_alibi", 3)]
+    assert [r.name for r in runs] == [f"pe.kind={k}__pe.levels={n}__seed={i}"
+                                      for k, n in variants for i in (0, 1)]
+    assert runs[5].overrides[-3:] == [("pe.kind", "bipe_rope"), ("pe.levels", 3), ("seed", 1)]
+    for run in runs:  # every run's config is valid
+      c = quickstart.get_config()
+      for key, value in run.overrides:
+        *section, leaf = key.split(".")
+        (c[section[0]] if section else c)[leaf] = value
+      config_lib.validate(c)
+  s.product = ((("pe.kind", "pe.levels"), (("rope", 2), ("bipe_rope",))),)
+  with pytest.raises(sweep.SweepError, match="tuple of 2"):
+    sweep.expand(s)
+  s.product = ((("pe.kind", "seed"), (("rope", 2),)), ("seed", (0,)))
+  with pytest.raises(sweep.SweepError, match="names a key twice"):
+    sweep.expand(s)
+
+
 def test_values_and_names_are_formatted_for_cli_and_paths():
   assert sweep.format_value((64, 128)) == "(64,128)"
   assert sweep.format_value((64,)) == "(64,)"
@@ -88,7 +111,7 @@ def _tiny_sweep(tmp_path) -> str:
 def test_interrupted_sweep_resumes_skips_finished_and_survives_a_failure(tmp_path):
   path = _tiny_sweep(tmp_path)
   root = tmp_path / "runs"
-  done, failing, resumed = (root / "pe.kind=rope", root / "pe.kind=nope", root / "pe.kind=alibi")
+  done, resumed = root / "pe.kind=rope", root / "pe.kind=alibi"
   os.makedirs(done)
   (done / "eval.json").write_text('{"finished": "before"}')  # a run finished earlier
   cmd = [sys.executable, os.path.join(REPO, "launch", "sweep.py"), path]

@@ -49,6 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.segmentation.modality = "code"  # text | code | cot: which pieces end a segment
   c.segmentation.separator_ids = ()  # explicit ids override (release: (13, 869))
   c.segmentation.cot_delimiter = ";"  # step delimiter for modality "cot"
+  # pe.levels = K: K-1 comma-separated id lists, finest first, ";" between
+  # ("869;13": sentences in lines); an id listed for level c ends a unit of
+  # level c and of every finer one. "" = by modality, a blank line ending a
+  # level-2 unit (README "More than two levels").
+  c.segmentation.level_separator_ids = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.d_model = 768
@@ -63,12 +68,14 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.pe = ml_collections.ConfigDict()
   c.pe.kind = encodings.DEFAULT_KIND  # see bipe_jax.encodings.KINDS
-  # Every kind's parameters (max_intra, intra, rope_base, alibi_multiplier,
-  # xpos_scale_base, max_random_position, fire_*, release_padding_row): their
-  # defaults, meaning and checks live in the typed parameter classes next to
-  # each kind's code in bipe_jax/encodings/ (RopeParams in rope.py, ...).
+  # Every kind's parameters (max_intra, intra, levels, max_level_ids, rope_base,
+  # alibi_multiplier, xpos_scale_base, max_random_position, fire_*,
+  # release_padding_row, and the rope_scaling.* section): their defaults,
+  # meaning and checks live in the typed parameter classes next to each kind's
+  # code in bipe_jax/encodings/ (RopeParams in rope.py, RopeScaling in
+  # rope_scaling.py, ...).
   for key, default in encodings.PE_DEFAULTS.items():
-    c.pe[key] = default
+    c.pe[key] = encodings.params.to_config(default)
 
   c.attention = ml_collections.ConfigDict()
   c.attention.impl = "auto"       # auto | reference | chunked | pallas | cudnn (see bipe_jax/attention)
@@ -100,6 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
   # none | full (save nothing) | dots (keep matmul outputs) | dots_no_batch
   # (keep only weight-stationary matmuls, the usual choice on TPU).
   c.train.remat = "none"
+  # A work dir whose latest checkpoint's parameters start this run (fresh
+  # optimizer, step 0; see bipe_jax/warm_start.py); "" = random init.
+  c.train.init_from = ""
 
   # Device mesh (bipe_jax/sharding.py). Axes, outermost first: data (replicas),
   # fsdp (params and optimizer state sharded), tensor (heads / mlp / vocab

@@ -6,7 +6,10 @@ as .npy next to a fingerprint. `train_iterator` cuts training rows of L+1 tokens
 ("windows": the release's concatenate-and-cut; "documents": per-document chunks
 packed with restarts) and `eval_batches` cuts the held-out stream into
 non-overlapping blocks. Both emit `make_batch` dicts, [B, L] each:
-  tokens, targets (int32), intra, inter, positions, doc_ids (int32), loss_mask (f32).
+  tokens, targets (int32), intra, inter, positions, doc_ids (int32), loss_mask (f32),
+and with pe.levels = K > 2 also levels (int32 [B, K-2, L], the ids between intra
+and inter). Ids are computed per row after windowing or packing, so every level
+restarts at each row and document start.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ from grain.experimental import FirstFitPackIterDataset
 import numpy as np
 
 from bipe_jax import positions
-from bipe_jax.data import sources
+from bipe_jax.data import levels, sources
+from bipe_jax.encodings import absolute
 from bipe_jax.data.tokenizer import Tokenizer, load_or_train
 
 PACKINGS = ("windows", "documents")
@@ -39,6 +43,8 @@ class Corpus:
     tokenizer: the Tokenizer that produced the ids.
     is_separator: bool [V], which ids end a segment (config.segmentation).
     train_tokens, heldout_tokens: int32 [N] token streams.
+    separators: which tokens end a unit of which of pe.levels levels (by
+      default the two levels of `is_separator`).
     train_doc_starts, heldout_doc_starts: int64 [D], offset of each document's BOS.
     stats: documents / bytes / files per split, for logs and reports.
   """
@@ -49,6 +55,11 @@ class Corpus:
   train_doc_starts: np.ndarray
   heldout_doc_starts: np.ndarray
   stats: dict = dataclasses.field(default_factory=dict)
+  separators: positions.LevelSeparators | None = None
+
+  def __post_init__(self):
+    if self.separators is None:
+      self.separators = positions.LevelSeparators.of(np.asarray(self.is_separator, bool))
 
   @property
   def vocab_size(self) -> int:
@@ -228,7 +239,8 @@ def prepare(config, workdir: str) -> Corpus:
   tok = load_or_train(config, cache_dir,
                       lambda: plan.tokenizer_sample(int(config.tokenizer.sample_bytes)))
   seg = config.segmentation
-  table = tok.separator_table(seg.modality, seg.cot_delimiter, seg.separator_ids)
+  seps = levels.separators(tok, config.pe.levels, seg.modality, seg.cot_delimiter,
+                           seg.separator_ids, seg.level_separator_ids)
   fingerprint = plan.fingerprint(tok)
   meta_path = os.path.join(cache_dir, "meta.json")
   arrays, stats = _load_cache(cache_dir, meta_path, fingerprint)
@@ -247,26 +259,31 @@ def prepare(config, workdir: str) -> Corpus:
                      f"(held-out fraction {dc.heldout_fraction})")
   if not len(arrays["heldout_tokens"]):
     logging.warning("data.source %r has an empty held-out split", dc.source)
-  return Corpus(tokenizer=tok, is_separator=table, stats=stats, **arrays)
+  if seps.levels > 2:
+    levels.report(seps, arrays["train_tokens"], config.segmentation)
+  return Corpus(tokenizer=tok, is_separator=seps.is_separator, separators=seps,
+                stats=stats, **arrays)
 
 
 # Batches ------------------------------------------------------------------------
 
-def make_batch(rows, is_separator, max_intra: int | None, doc_ids=None,
-               valid=None) -> dict:
+def make_batch(rows, separators, max_ids, doc_ids=None, valid=None) -> dict:
   """Model inputs from rows of L+1 tokens.
 
   Args:
     rows: int [B, L+1]; inputs are rows[:, :-1], targets rows[:, 1:].
-    is_separator: bool [V] table.
-    max_intra: intra ids clip to max_intra - 1 (None: no clipping).
+    separators: a bool [V] table (two levels) or a positions.LevelSeparators
+      (K levels, e.g. Corpus.separators).
+    max_ids: intra ids clip to max_ids - 1 (None: no clipping); or a sequence,
+      one bound per inner level (`level_bounds(config)`).
     doc_ids: optional int [B, L+1] document of each row token (None: one document).
     valid: optional bool [B, L+1], False at padding (None: all real).
 
   Returns:
     dict of [B, L] numpy arrays: tokens, targets, intra, inter, positions,
     doc_ids (int32) and loss_mask (float32: 1 where the target is a real token
-    of the input token's document).
+    of the input token's document); with K > 2 levels also levels, int32
+    [B, K-2, L], the ids of levels 1..K-2 (positions.level_ids).
   """
   rows = np.asarray(rows)
   if rows.ndim != 2 or rows.shape[1] < 2:
@@ -280,12 +297,21 @@ def make_batch(rows, is_separator, max_intra: int | None, doc_ids=None,
       raise ValueError(f"doc_ids {docs.shape} must be shaped like rows {rows.shape}")
   real = np.ones(rows.shape, bool) if valid is None else np.asarray(valid, bool)
   mask = real[:, 1:] & real[:, :-1] & (docs[:, 1:] == docs[:, :-1])
-  intra, inter = positions.bilevel_ids(
-      tokens, is_separator, max_intra, None if doc_ids is None else docs[:, :-1])
-  return {"tokens": tokens, "targets": rows[:, 1:].astype(np.int32),
-          "intra": intra, "inter": inter,
-          "positions": positions.flat_positions(docs[:, :-1]),
-          "doc_ids": docs[:, :-1], "loss_mask": mask.astype(np.float32)}
+  seps = positions.LevelSeparators.of(separators)
+  row_docs = None if doc_ids is None else docs[:, :-1]
+  ids = positions.level_ids(seps.classes(tokens, row_docs), seps.levels, max_ids, row_docs)
+  out = {"tokens": tokens, "targets": rows[:, 1:].astype(np.int32),
+         "intra": ids[0], "inter": ids[-1],
+         "positions": positions.flat_positions(docs[:, :-1]),
+         "doc_ids": docs[:, :-1], "loss_mask": mask.astype(np.float32)}
+  if seps.levels > 2:
+    out["levels"] = np.ascontiguousarray(ids[1:-1].transpose(1, 0, 2))
+  return out
+
+
+def level_bounds(config) -> tuple[int, ...]:
+  """Clip bound of every inner level, finest first: pe.max_intra, then pe.max_level_ids."""
+  return absolute.IntraParams.from_fields(config.pe).inner_sizes
 
 
 def _document_chunks(doc_starts, n_tokens: int, length: int):
@@ -321,7 +347,7 @@ def train_iterator(config, corpus: Corpus, seed: int | None = None,
   if batch % shard_count:
     raise ValueError(f"train.batch_size {batch} is not divisible by {shard_count} shards")
   batch //= shard_count
-  tokens, table, max_intra = corpus.train_tokens, corpus.is_separator, config.pe.max_intra
+  tokens, table, bounds = corpus.train_tokens, corpus.separators, level_bounds(config)
   # One background thread computes a few batches ahead; more buys nothing on
   # small hosts and a large buffer would hold hundreds of batches in memory.
   read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
@@ -334,7 +360,7 @@ def train_iterator(config, corpus: Corpus, seed: int | None = None,
     ds = ds.slice(slice(shard_index, None, shard_count)) if shard_count > 1 else ds
     ds = ds.map(lambda i: np.asarray(tokens[i * length:i * length + length + 1]))
     ds = ds.batch(batch, drop_remainder=True)
-    ds = ds.map(lambda rows: make_batch(rows, table, max_intra))
+    ds = ds.map(lambda rows: make_batch(rows, table, bounds))
     return iter(ds.to_iter_dataset(read))
   starts, ends = _document_chunks(corpus.train_doc_starts, len(tokens), length)
   if not len(starts):
@@ -349,7 +375,7 @@ def train_iterator(config, corpus: Corpus, seed: int | None = None,
       padding_struct={"tokens": corpus.tokenizer.pad_id})
   # Segment ids count 1, 2, ... per packed chunk and are 0 at padding.
   out = packed.batch(batch, drop_remainder=True).map(
-      lambda b: make_batch(b["tokens"], table, max_intra,
+      lambda b: make_batch(b["tokens"], table, bounds,
                            doc_ids=b["tokens_segment_ids"],
                            valid=b["tokens_segment_ids"] > 0))
   return iter(out)
@@ -381,7 +407,7 @@ def eval_batches(config, corpus: Corpus, length: int, max_tokens: int,
     rows = np.stack([np.asarray(stream[i * length:i * length + length + 1])
                      for i in range(first, min(n, first + per))])
     doc_ids = None if config.data.packing == "windows" else np.cumsum(rows == bos, axis=1)
-    yield make_batch(rows, corpus.is_separator, config.pe.max_intra, doc_ids)
+    yield make_batch(rows, corpus.separators, level_bounds(config), doc_ids)
 
 
 def unigram_perplexity(tokens) -> float:

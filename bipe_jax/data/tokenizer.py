@@ -334,6 +334,12 @@ def _take_bytes(texts: Iterable[str], max_bytes: int) -> list[str]:
   return out
 
 
+def run_tokenizer_path(config, workdir: str) -> str:
+  """The tokenizer file a run in `workdir` with `config` uses (see load_or_train)."""
+  cache_dir = config.data.cache_dir or os.path.join(workdir, "data")
+  return os.path.abspath(config.tokenizer.model or os.path.join(cache_dir, "tokenizer.model"))
+
+
 def load_or_train(config, cache_dir: str, sample_texts_fn) -> Tokenizer:
   """The run's tokenizer.
 

@@ -29,6 +29,12 @@ bipe_rope and bipe_alibi (the paper's two), and bipe_xpos,
 bipe_randomized_rope, bipe_fire. A new relative kind gets its twin for free.
 Bilevel ALiBi slopes default to x96 (the release's choice).
 
+More than two levels (pe.levels = K > 2, bilevel kinds only): the ids of
+bipe_jax.positions.level_ids; every inner level gets a table like the intra
+one (absolute.Intra sums them: "table" for intra, "level_<j>" for level j,
+read from batch["levels"] [B, K-2, L]) and the relative part reads the
+outermost id as `inter`, so no relative kind needs code for it.
+
 Adding a kind (say a relative one, "kerple"):
   1. one module, encodings/kerple.py, with
      - `KerpleParams(params.Params)`: a frozen dataclass whose fields are the
@@ -52,11 +58,15 @@ Adding a kind (say a relative one, "kerple"):
 An absolute kind is the same with a `kind.InputTerm` subclass (`embed`) and
 `input_term=` in its registry line.
 
+Context extension: every rotary kind reads `pe.rope_scaling` (position
+interpolation, NTK-aware, YaRN; rope_scaling.py) through RopeParams, so a
+new rotary kind deriving RopeRelative/RopeParams gets it too.
+
 Reproducing the authors' release: pe.release_padding_row=True (the intra
 table's last row is zero and never trained) together with data.packing =
 "windows" (positions and segments run across documents).
 """
-from bipe_jax.encodings import params
+from bipe_jax.encodings import params, rope_scaling
 from bipe_jax.encodings.absolute import sinusoidal
 from bipe_jax.encodings.alibi import alibi_bias, alibi_slopes
 from bipe_jax.encodings.fire import Fire, FireBias
@@ -68,6 +78,6 @@ from bipe_jax.encodings.rope import apply_rope
 from bipe_jax.encodings.xpos import apply_xpos
 
 __all__ = ["DEFAULT_KIND", "Encoding", "InputTerm", "KINDS", "PE_DEFAULTS", "Relative",
-           "get", "params", "alibi_bias", "alibi_slopes", "Fire", "FireBias",
+           "get", "params", "rope_scaling", "alibi_bias", "alibi_slopes", "Fire", "FireBias",
            "InputEmbedding", "RelativeEncoding", "attention_positions",
            "randomize_positions", "apply_rope", "apply_xpos", "sinusoidal"]

@@ -19,14 +19,14 @@ def sinusoidal(pos_BL, d_model: int):
   return pairs.reshape(*pos_BL.shape, -1)[..., :d_model]
 
 
-def lookup(module, ids_BL, size: int, padding_row: bool):
-  """Rows of `module`'s learned table "table" [size, D] (normal(init_std)); ids
+def lookup(module, ids_BL, size: int, padding_row: bool, name: str = "table"):
+  """Rows of `module`'s learned table `name` [size, D] (normal(init_std)); ids
   clip to the last row. With `padding_row` that row is zero and gets no gradient."""
   init = nn.initializers.normal(module.init_std)
   if padding_row:
     base_init = init
     init = lambda key, shape, dtype: base_init(key, shape, dtype).at[-1].set(0)
-  table = module.param("table", nn.with_logical_partitioning(init, ("positions", "embed")),
+  table = module.param(name, nn.with_logical_partitioning(init, ("positions", "embed")),
                        (size, module.d_model), module.param_dtype)
   ids_BL = jnp.clip(ids_BL, 0, size - 1)
   out_BLD = jnp.take(table, ids_BL, axis=0).astype(jnp.float32)
@@ -74,14 +74,22 @@ INTRA_CHOICES = ("learned", "sinusoidal")
 
 @dataclasses.dataclass(frozen=True)
 class IntraParams(P.Params):
-  """The intra-segment input table of bilevel kinds (BIPE_METHOD section 2).
+  """The inner-level input tables of bilevel kinds (BIPE_METHOD section 2).
 
+  levels: how many levels of position ids (bipe_jax.positions.level_ids);
+    2 is BiPE (intra, inter). With K > 2 every inner level gets a table of
+    its own, all summed into the embedding, and the relative kind reads the
+    outermost id (`inter`); the ids of levels 1..K-2 come as batch["levels"].
+  max_level_ids: table sizes of levels 1..K-2 (() = pe.max_intra each); their
+    ids clip to size - 1.
   release_padding_row: reproduce the release's table built with padding index
     -1: its last row (where clipped ids land) is zero and never trained.
   """
   max_intra: int = 1024               # table size; ids clip to max_intra - 1
   intra: str = "learned"              # learned | sinusoidal
   release_padding_row: bool = False
+  levels: int = 2
+  max_level_ids: tuple = ()
 
   def __post_init__(self):
     P.positive("max_intra", self.max_intra)
@@ -90,14 +98,37 @@ class IntraParams(P.Params):
     if self.release_padding_row and self.intra != "learned":
       raise P.ParamError("pe.release_padding_row=True needs pe.intra='learned' "
                          f"(got {self.intra!r})")
+    if not isinstance(self.levels, int) or self.levels < 2:
+      raise P.ParamError(f"pe.levels={self.levels!r} must be an integer >= 2 "
+                         "(2: BiPE's intra and inter)")
+    sizes = tuple(self.max_level_ids)
+    if sizes and (len(sizes) != self.levels - 2 or
+                  not all(isinstance(m, int) and m > 0 for m in sizes)):
+      raise P.ParamError(f"pe.max_level_ids={sizes} must be empty (pe.max_intra each) or "
+                         f"{self.levels - 2} positive integers, one per level between "
+                         f"intra and inter (pe.levels={self.levels})")
+    object.__setattr__(self, "max_level_ids", sizes)
+
+  @property
+  def inner_sizes(self) -> tuple[int, ...]:
+    """Table size of every inner level, finest (intra) first: K-1 ints."""
+    return (self.max_intra,) + (self.max_level_ids or (self.max_intra,) * (self.levels - 2))
 
 
 @dataclasses.dataclass(frozen=True)
 class Intra(InputTerm):
-  """Table over `intra` ids, learned (normal 0.02) or sinusoidal per pe.intra."""
+  """Tables over `intra` and the ids of batch["levels"] (levels 1..K-2),
+  summed; learned (normal 0.02) or sinusoidal per pe.intra. The intra table is
+  named "table" (as in two-level checkpoints), level j's "level_<j>"."""
   params_cls = IntraParams
 
   def embed(self, module, batch, p):
-    if p.intra == "sinusoidal":
-      return sinusoidal(batch["intra"], module.d_model)
-    return lookup(module, batch["intra"], p.max_intra, p.release_padding_row)
+    ids = [batch["intra"]] + [batch["levels"][:, j] for j in range(p.levels - 2)]
+    terms = [sinusoidal(ids_BL, module.d_model) if p.intra == "sinusoidal" else
+             lookup(module, ids_BL, size, p.release_padding_row and j == 0,
+                    "table" if j == 0 else f"level_{j}")
+             for j, (ids_BL, size) in enumerate(zip(ids, p.inner_sizes))]
+    out_BLD = terms[0]
+    for term_BLD in terms[1:]:
+      out_BLD = out_BLD + term_BLD
+    return out_BLD

@@ -7,7 +7,9 @@ fields) they come from, so `from_fields(obj)` builds one from any object
 carrying those names, and the base config and `ModelConfig` take their `pe.*`
 keys and defaults from them (`registry.PE_DEFAULTS`). Each class validates
 itself on construction, naming the key at fault. A field read from another
-config key says so in its metadata (`key`); it is then not a `pe.*` key.
+config key says so in its metadata (`key`); it is then not a `pe.*` key. A
+field whose default is itself a Params (rope_scaling) is a section of keys
+(`pe.rope_scaling.kind`, ...): `to_config` / `from_config` convert it.
 """
 from __future__ import annotations
 
@@ -43,3 +45,16 @@ def positive(name: str, value) -> None:
   """Raises ParamError naming pe.`name` unless `value` > 0."""
   if not value > 0:
     raise ParamError(f"pe.{name}={value!r} must be > 0")
+
+
+def to_config(default):
+  """A pe.* default as a config value: a nested Params becomes a dict of its keys."""
+  return dataclasses.asdict(default) if isinstance(default, Params) else default
+
+
+def from_config(default, value):
+  """A config value (a ConfigDict or dict for a nested Params) as its typed value."""
+  if not isinstance(default, Params) or isinstance(value, Params):
+    return value
+  items = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+  return type(default)(**items)

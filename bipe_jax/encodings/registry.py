@@ -68,7 +68,17 @@ class Encoding:
       raise ValueError(f"pe.kind={self.name!r} rotates pairs of dims: head dim "
                        f"{cfg.head_dim} must be even")
     p = self.params(cfg)
-    absolute.IntraParams.from_fields(cfg)  # pe.intra and pe.max_intra are checked for every kind
+    if not self.rotary and cfg.rope_scaling.active:
+      raise ValueError(f"pe.rope_scaling.kind={cfg.rope_scaling.kind!r} stretches rotary "
+                       f"frequencies, and pe.kind={self.name!r} rotates nothing; use a "
+                       "rotary kind (rope, bipe_rope, xpos, ...) or pe.rope_scaling.kind=none")
+    # pe.intra, pe.max_intra and pe.levels are checked for every kind.
+    levels = absolute.IntraParams.from_fields(cfg).levels
+    if levels != 2 and not self.bilevel:
+      raise ValueError(
+          f"pe.levels={levels} needs a bilevel kind ("
+          f"{', '.join(sorted(k for k, e in KINDS.items() if e.bilevel))}): pe.kind="
+          f"{self.name!r} reads flat positions; use pe.levels=2 with it")
     if self.relative is not None:
       self.relative.check(p, cfg)
 

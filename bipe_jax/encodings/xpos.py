@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from bipe_jax.encodings import params as P
 from bipe_jax.encodings.rope import RopeParams, RopeRelative, rope_angles, rotate
+from bipe_jax.encodings.rope_scaling import RopeScaling
 
 
 def xpos_zeta(head_dim: int):
@@ -25,17 +26,18 @@ def xpos_zeta(head_dim: int):
 
 
 def apply_xpos(x_BLHD, pos_BL, *, key: bool, base: float, scale_base: float,
-               center: float = 0.0):
+               center: float = 0.0, scaling: RopeScaling = RopeScaling(), train_length: int = 0):
   """Rotates like RoPE and scales by zeta^(+-(pos - center)/scale_base).
 
   x [B, L, H, D]; pos [B, L] ints; key=False for queries (scale up),
-  key=True for keys (scale down). Returns x's dtype.
+  key=True for keys (scale down). `scaling` stretches the rotation as in
+  rope.apply_rope (the decay is left as it is). Returns x's dtype.
   """
   d = x_BLHD.shape[-1]
   rel_BL = pos_BL.astype(jnp.float32) - jnp.float32(center)
   power_BL1 = (rel_BL / scale_base)[..., None]
-  scale_BLF = xpos_zeta(d) ** (-power_BL1 if key else power_BL1)
-  return rotate(x_BLHD, rope_angles(pos_BL, d, base), scale_BLF)
+  scale_BLF = xpos_zeta(d) ** (-power_BL1 if key else power_BL1) * scaling.attention_factor
+  return rotate(x_BLHD, rope_angles(pos_BL, d, base, scaling, train_length), scale_BLF)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,7 @@ class XposRelative(RopeRelative):
 
   def rotate_span(self, p, q_BLHD, k_BLKD, pos_BL, span: int):
     # The centre cancels in the score; a piece of a sequence centres on the whole.
-    kw = dict(base=p.rope_base, scale_base=p.xpos_scale_base, center=span // 2)
+    kw = dict(base=p.rope_base, scale_base=p.xpos_scale_base, center=span // 2,
+              **p.scaling)
     return (apply_xpos(q_BLHD, pos_BL, key=False, **kw),
             apply_xpos(k_BLKD, pos_BL, key=True, **kw))

@@ -18,7 +18,10 @@ Weight layout, PyTorch nn.Linear stores [out, in]; ours are [in, ...]:
   lm_head.weight                        [V, d]     -> lm_head [d, V]
 Rotary weights are already in the rotate-half layout our RoPE uses, so q/k
 rows need no permutation. The imported config reproduces the release:
-windows across documents, separators (13, 869), intra padding row.
+windows across documents, separators (13, 869), intra padding row. A model
+exported from here (interop.export) names its own separators and whether its
+intra table has the padding row in config.json's `bipe_separator_ids` and
+`bipe_intra_padding_row`.
 """
 from __future__ import annotations
 
@@ -104,7 +107,25 @@ def model_config(hf: dict) -> ModelConfig:
       init_std=float(hf.get("initializer_range", 0.02)), pe_kind=kind,
       max_intra=train_scale, intra="learned",
       rope_base=float(hf.get("rope_theta", 10000.0)), alibi_multiplier=multiplier,
-      release_padding_row=True, max_positions=train_scale)
+      release_padding_row=_flag(hf, "bipe_intra_padding_row", True),
+      max_positions=train_scale)
+
+
+def _flag(hf: dict, key: str, default: bool) -> bool:
+  value = hf.get(key, default)
+  if not isinstance(value, bool):
+    raise ReleaseError(f"config.json {key}={value!r} must be true or false")
+  return value
+
+
+def separator_ids(hf: dict) -> tuple[int, ...]:
+  """config.json's `bipe_separator_ids` (written by interop.export), else the release's."""
+  ids = hf.get("bipe_separator_ids", RELEASE_SEPARATOR_IDS)
+  if not (isinstance(ids, (list, tuple)) and ids
+          and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+    raise ReleaseError(f"config.json bipe_separator_ids={ids!r} must be a non-empty list "
+                       "of token ids")
+  return tuple(ids)
 
 
 def experiment_config(hf: dict, ckpt_dir: str = "") -> ml_collections.ConfigDict:
@@ -123,7 +144,7 @@ def experiment_config(hf: dict, ckpt_dir: str = "") -> ml_collections.ConfigDict
   c.data.seq_len = m.max_intra          # train_scale: the training window
   c.data.packing = "windows"            # positions run across documents
   c.segmentation.modality = "text"
-  c.segmentation.separator_ids = RELEASE_SEPARATOR_IDS
+  c.segmentation.separator_ids = separator_ids(hf)
   c.tokenizer.vocab_size = m.vocab_size
   tok = os.path.join(ckpt_dir, "tokenizer.model") if ckpt_dir else ""
   c.tokenizer.model = os.path.abspath(tok) if tok and os.path.isfile(tok) else ""

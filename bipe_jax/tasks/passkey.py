@@ -162,13 +162,13 @@ def evaluate_run(workdir: str, hf_checkpoint=None, step=None, mesh=None, overrid
   """bipe-eval --task=passkey: the table, <workdir>/passkey.json and passkey.png."""
   import jax  # pylint: disable=g-import-not-at-top
   from bipe_jax import decode, generate  # pylint: disable=g-import-not-at-top
-  config, trainer, params, tok, table = generate.load(workdir, hf_checkpoint, step, mesh,
+  config, trainer, params, tok, seps = generate.load(workdir, hf_checkpoint, step, mesh,
                                                       overrides)
   train_len = int(config.data.seq_len)
   lengths = tuple(lengths) if lengths else tuple(m * train_len for m in DEFAULT_MULTIPLES)
   print(f"passkey retrieval of {hf_checkpoint or workdir} (pe.kind={config.pe.kind}, trained "
         f"at {train_len} tokens): lengths {', '.join(map(str, lengths))}", flush=True)
-  gen = decode.Generator.for_trainer(trainer, tok, table)
+  gen = decode.Generator.for_trainer(trainer, tok, seps)
   rows = accuracy(gen, params, tok, lengths, depths, trials, digits, seed,
                   int(config.eval.batch_tokens))
   result = dict(workdir=os.path.abspath(workdir), pe_kind=config.pe.kind, task="passkey",
