@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from bipe_jax import decode, encodings, positions
+from bipe_jax.encodings import rope_scaling
 from bipe_jax.model import Decoder, ModelConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -179,7 +180,21 @@ def test_cached_logits_equal_full_forward_with_three_levels():
 @pytest.mark.parametrize("kind,impl", [(k, "reference") for k in sorted(encodings.KINDS)]
                          + [("bipe_alibi", "chunked"), ("bipe_fire", "chunked")])
 def test_cached_logits_equal_full_forward(kind, impl):
-  model, params = _model(kind, impl)
+  _assert_cached_equals_full(*_model(kind, impl), kind)
+
+
+def test_yarn_scaling_applies_to_cached_decoding():
+  """pe.rope_scaling reaches decoding through the encoding's own code (YaRN: the
+  frequency ramp and the attention temperature)."""
+  model, params = _model("bipe_rope", rope_scaling=rope_scaling.RopeScaling("yarn", 4.0, 4))
+  _assert_cached_equals_full(model, params, "yarn")
+  plain = _model("bipe_rope")[0]
+  args = params, full_ids(_sequences()[1])
+  assert np.abs(model.apply({"params": args[0]}, args[1])
+                - plain.apply({"params": args[0]}, args[1])).max() > 1e-3
+
+
+def _assert_cached_equals_full(model, params, what):
   prompts, forced = _sequences()
   out = decode.Generator(model, _rule())(params, prompts, forced.shape[1], forced=forced,
                                          keep_logits=True)
@@ -191,7 +206,7 @@ def test_cached_logits_equal_full_forward(kind, impl):
   for b, p in enumerate(prompts):
     got = np.concatenate([out.prefill_logits[b, width - len(p):], out.logits[b, 1:]])
     np.testing.assert_allclose(got, full[b, :len(p) + n - 1], atol=2e-5, rtol=1e-5,
-                               err_msg=f"{kind} row {b}")
+                               err_msg=f"{what} row {b}")
     np.testing.assert_array_equal(out.tokens[b], forced[b])
 
 
