@@ -177,10 +177,10 @@ def test_cached_logits_equal_full_forward_with_three_levels():
     np.testing.assert_allclose(got, full[b, :len(p) + forced.shape[1] - 1], atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind,impl", [(k, "reference") for k in sorted(encodings.KINDS)]
-                         + [("bipe_alibi", "chunked"), ("bipe_fire", "chunked")])
-def test_cached_logits_equal_full_forward(kind, impl):
-  _assert_cached_equals_full(*_model(kind, impl), kind)
+@pytest.mark.parametrize("kind", sorted(encodings.KINDS))
+def test_cached_logits_equal_full_forward(kind):
+  # The dense kernel compiles fastest; the 8-device test runs the blockwise one.
+  _assert_cached_equals_full(*_model(kind), kind)
 
 
 def test_yarn_scaling_applies_to_cached_decoding():
@@ -241,10 +241,10 @@ def test_sampling_is_reproducible_per_seed():
   for x, y in zip(a.tokens, b.tokens):
     np.testing.assert_array_equal(x, y)
   assert any((x != y).any() for x, y in zip(a.tokens, c.tokens))
-  greedy = gen(params, prompts, 12)
-  for top in (decode.Sampling(1.0, top_k=1), decode.Sampling(1.0, top_p=1e-6)):
-    for x, y in zip(gen(params, prompts, 12, top, seed=5).tokens, greedy.tokens):
-      np.testing.assert_array_equal(x, y)
+  # top_k = 1 leaves one token: the greedy one.
+  greedy, top1 = gen(params, prompts, 12), gen(params, prompts, 12, decode.Sampling(1.0, 1), 5)
+  for x, y in zip(top1.tokens, greedy.tokens):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_top_k_and_top_p_draw_only_from_their_sets():
