@@ -171,8 +171,9 @@ class Generator:
                  kept_BNV=None if c.kept_BNV is None else rows3)
     return self._constrain(c, axes)
 
-  def _prefill_fn(self, params, tokens_BP, valid_BP, tables, max_len: int, max_new: int,
-                  keep: bool):
+  def _prefill_fn(self, params, tokens_BP, valid_BP, tables, live_B, max_len: int,
+                  max_new: int, keep: bool):
+    """live_B: False for rows that only pad the batch to the data-parallel size."""
     b = tokens_BP.shape[0]
     ids, state = row_ids(IdState.start(b, self.rule.levels), tokens_BP, valid_BP, tables,
                          self.rule, PAD_DOC)
@@ -182,7 +183,7 @@ class Generator:
                                          cache=cache, last_only=not keep)
     v = logits_BPV.shape[-1]
     carry = Carry(cache=cache, ids=state, logits_BV=logits_BPV[:, -1],
-                  done_B=jnp.zeros((b,), bool),
+                  done_B=~live_B,
                   out_BN=jnp.full((b, max_new), self.pad_id, jnp.int32),
                   n=jnp.zeros((), jnp.int32),
                   kept_BNV=jnp.zeros((b, max_new, v), jnp.float32) if keep else None)
@@ -267,7 +268,8 @@ class Generator:
     stop = tuple(sorted({int(t) for t in stop_tokens}))
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       t0 = time.perf_counter()
-      args = (params, tokens, valid, self.tables)
+      live = np.arange(len(prompts)) < n_rows
+      args = (params, tokens, valid, self.tables, live)
       prefill, decode = self._compiled(args, forced, key, dict(
           max_len=max_len, max_new=max_new, keep=keep_logits), dict(
               sampling=sampling, stop=stop, chunk=chunk))
