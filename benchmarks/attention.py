@@ -8,9 +8,10 @@ on every backend; on GPU/TPU the device's peak bytes in use is shown too.
 Ratios are against the dense reference at the same length (n/a where the
 reference would need more than --max_reference_gb for its [B, H, L, L] scores).
 
-  python benchmarks/attention.py                                   # CPU: reference, chunked
+  python benchmarks/attention.py                                   # CPU: reference, dense, chunked
   python benchmarks/attention.py --grad --lengths 1024 2048 --bias none
   python benchmarks/attention.py --batch 8 --dtype bfloat16 --grad  # GPU: + pallas, cudnn
+  python benchmarks/attention.py --grad --impls pallas cudnn --bias none   # only these
   python benchmarks/attention.py --interpret --lengths 256          # + Pallas interpreted (slow)
   python benchmarks/attention.py --grad --blocks 256x512 512x256    # + other block sizes
 """
@@ -93,6 +94,8 @@ def main(argv=None):
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--max_reference_gb", type=float, default=4.0)
   ap.add_argument("--interpret", action="store_true", help="also Pallas kernels interpreted on CPU")
+  ap.add_argument("--impls", nargs="*", default=[],
+                  help="only these implementations (e.g. pallas cudnn); default all that run here")
   ap.add_argument("--blocks", nargs="*", default=[], metavar="QxK",
                   help="also run the blockwise kernels with these block sizes, e.g. 256x512")
   args = ap.parse_args(argv)
@@ -109,7 +112,9 @@ def main(argv=None):
     ref_gb = args.batch * args.heads * length * length * 4 * (3 if args.grad else 2) / 2**30
     ref = None
     for name, fn in candidates(backend, args.bias, dtype, args.interpret, blocks).items():
-      if name == "reference" and ref_gb > args.max_reference_gb:
+      if args.impls and name.split()[0] not in args.impls:
+        continue
+      if name in ("reference", "dense") and ref_gb > args.max_reference_gb:
         print(f"{length:>6} {name:<24} skipped: needs ~{ref_gb:.1f} GB of scores", flush=True)
         continue
       try:

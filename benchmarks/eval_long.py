@@ -103,12 +103,13 @@ def measure(kind: str, length: int, impl: str, repeats: int) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(evaluate(params, batch))
     times.append(time.perf_counter() - t0)
-  resolved = attention.resolve(impl, kind=encodings.get(kind).bias_kind,
-                               dtype=jnp.float32)
+  resolved = attention.resolve(impl, kind=encodings.get(kind).bias_kind, dtype=jnp.float32,
+                               scores=(1, cfg.n_heads, length, length))
   return dict(kind=kind, length=length, impl=impl, resolved=resolved, params_m=n_params / 1e6,
               loss=loss, first_call_s=first, best_s=min(times), tokens_per_s=length / min(times),
               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-              load_avg=os.getloadavg()[0])
+              peak_device_gb=(jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use", 0)
+              / 2**30, load_avg=os.getloadavg()[0])
 
 
 def _row(kind, length, r) -> str:
@@ -116,14 +117,14 @@ def _row(kind, length, r) -> str:
     return f"{kind:<11} {length:>6} {r}"
   return (f"{kind:<11} {length:>6} {r['resolved']:>9} {r['tokens_per_s']:>9.1f} "
           f"{r['peak_rss_gb']:>11.2f} {r['best_s']:>7.2f} {r['first_call_s']:>10.1f} "
-          f"{r['load_avg']:>5.1f}")
+          f"{r['load_avg']:>5.1f} {r.get('peak_device_gb') or 0:>9.2f}")
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
   ap.add_argument("--kinds", nargs="+", default=list(KINDS))
-  ap.add_argument("--impl", default="auto", help="attention.impl (auto | reference | chunked)")
+  ap.add_argument("--impl", default="auto", help="attention.impl (auto | reference | dense | chunked)")
   ap.add_argument("--repeats", type=int, default=2, help="timed runs after the compile run")
   ap.add_argument("--xla_flags", default=YNN_DOTS_ONLY,
                   help="XLA_FLAGS for the measuring processes ('' = XLA defaults); default: "
@@ -141,7 +142,7 @@ def main(argv=None):
                                                           args.xla_flags])))
   print(f"XLA_FLAGS={env['XLA_FLAGS']!r}; {os.cpu_count()} CPUs", flush=True)
   print(f"{'encoding':<11} {'length':>6} {'impl':>9} {'tokens/s':>9} {'peak RSS GB':>11} "
-        f"{'best s':>7} {'1st call s':>10} {'load':>5}", flush=True)
+        f"{'best s':>7} {'1st call s':>10} {'load':>5} {'device GB':>9}", flush=True)
   here = os.path.dirname(os.path.abspath(__file__))
   pairs = []
   for kind in args.kinds:

@@ -9,6 +9,10 @@ for BiPE-ALiBi, a materialised [1, H, L, L] bias), softmax in float32, SwiGLU
 MLP, untied LM head, float32 logits and the cross-entropy loss. Random
 weights (std 0.02), fp32, torch.no_grad, PyTorch's default threads.
 
+`--kind rope` / `alibi` run the same model on flat positions without the
+intra table (a plain Llama with RoPE, or with ALiBi slopes x1), the
+counterparts of bipe_jax's rope and alibi kinds.
+
 Needs PyTorch (`pip install torch`; not a dependency of bipe_jax). Run alone
 it measures one case and prints one JSON line; eval_long.py --baseline and
 train_step.py --baseline run it in a fresh process next to their own measurements.
@@ -87,15 +91,18 @@ class Layer(nn.Module):
 
 
 class ReleaseModel(nn.Module):
+  """bipe_* kinds as the release; rope, alibi: the same on flat positions, no intra table."""
+
   def __init__(self, kind, vocab=32000, d=768, layers=12, heads=12, ff=3072, max_intra=1024):
     super().__init__()
     self.kind, self.heads, self.max_intra = kind, heads, max_intra
+    self.bilevel = kind.startswith("bipe_")
     self.embed = nn.Embedding(vocab, d)
-    self.intra = nn.Embedding(max_intra, d, padding_idx=max_intra - 1)
+    self.intra = nn.Embedding(max_intra, d, padding_idx=max_intra - 1) if self.bilevel else None
     self.layers = nn.ModuleList(Layer(d, heads, ff) for _ in range(layers))
     self.norm, self.head = RMSNorm(d), nn.Linear(d, vocab, bias=False)
     self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, d // heads, 2) / (d // heads)))
-    self.register_buffer("slopes", alibi_slopes(heads, 96.0))
+    self.register_buffer("slopes", alibi_slopes(heads, 96.0 if self.bilevel else 1.0))
 
   def forward(self, tokens):
     b, l = tokens.shape
@@ -106,15 +113,18 @@ class ReleaseModel(nn.Module):
     idx = torch.arange(l).expand(b, l)
     start = torch.where(torch.cat([torch.ones_like(is_sep[:, :1]), is_sep[:, :-1]], 1), idx, 0)
     intra = (idx - torch.cummax(start, 1).values).clamp(max=self.max_intra - 1)
-    x = self.embed(tokens) + self.intra(intra)
+    x = self.embed(tokens)
+    if self.bilevel:
+      x = x + self.intra(intra)
+    pos = inter if self.bilevel else idx
     mask = torch.full((l, l), torch.finfo(torch.float32).min).triu(1)[None, None].expand(b, 1, l, l)
     cos_sin = bias = None
-    if self.kind == "bipe_rope":
-      freqs = inter[..., None].float() * self.inv_freq
+    if self.kind.endswith("rope"):
+      freqs = pos[..., None].float() * self.inv_freq
       emb = torch.cat((freqs, freqs), -1)[:, None]
       cos_sin = (emb.cos(), emb.sin())
     else:
-      rel = (inter[:, None, :] - inter[:, :, None]).float()              # inter[j] - inter[i]
+      rel = (pos[:, None, :] - pos[:, :, None]).float()                  # pos[j] - pos[i]
       bias = self.slopes[None, :, None, None] * rel[:, None]             # [B, H, L, L]
     for layer in self.layers:
       x = layer(x, mask, cos_sin, bias)
@@ -122,9 +132,9 @@ class ReleaseModel(nn.Module):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
-def _model_and_tokens(kind: str, length: int, batch: int = 1):
+def _model_and_tokens(kind: str, length: int, batch: int = 1, dims: dict | None = None):
   torch.manual_seed(0)
-  model = ReleaseModel(kind)
+  model = ReleaseModel(kind, **(dims or {}))
   with torch.no_grad():
     for p in model.parameters():
       p.normal_(0.0, 0.02)
@@ -155,9 +165,10 @@ def measure(kind: str, length: int, repeats: int) -> dict:
   return _result(kind, length, "release eval (torch eager)", loss, first, best, length)
 
 
-def measure_train(kind: str, length: int, batch: int, repeats: int) -> dict:
+def measure_train(kind: str, length: int, batch: int, repeats: int,
+                  dims: dict | None = None) -> dict:
   """One training step: forward, backward, AdamW (lr 1e-4, wd 0.01) on [batch, length]."""
-  model, tokens = _model_and_tokens(kind, length, batch)
+  model, tokens = _model_and_tokens(kind, length, batch, dims)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 
@@ -182,14 +193,18 @@ def _result(kind, length, impl, loss, first, best, tokens) -> dict:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--kind", default="bipe_rope", choices=["bipe_rope", "bipe_alibi"])
+  ap.add_argument("--kind", default="bipe_rope",
+                  choices=["bipe_rope", "bipe_alibi", "rope", "alibi"])
   ap.add_argument("--length", type=int, default=1024)
   ap.add_argument("--repeats", type=int, default=2, help="timed runs after the first")
   ap.add_argument("--train", action="store_true", help="time a training step instead")
   ap.add_argument("--batch", type=int, default=1, help="rows per training step")
+  ap.add_argument("--dims", default="",
+                  help="model size for --train, e.g. d=64,layers=2,heads=2,ff=128 (default 151M)")
   args = ap.parse_args(argv)
   if args.train:
-    print(json.dumps(measure_train(args.kind, args.length, args.batch, args.repeats)))
+    dims = {k: int(v) for k, v in (item.split("=") for item in args.dims.split(",") if item)}
+    print(json.dumps(measure_train(args.kind, args.length, args.batch, args.repeats, dims)))
   else:
     print(json.dumps(measure(args.kind, args.length, args.repeats)))
 

@@ -14,7 +14,7 @@ import time
 from absl import flags, logging
 import jax
 
-from bipe_jax import checkpoint, cli, metrics, sharding, stopping, warm_start
+from bipe_jax import checkpoint, cli, hostmem, metrics, sharding, stopping, warm_start
 from bipe_jax import config as config_lib
 from bipe_jax.data import pipeline
 from bipe_jax.trainer import Trainer, lr_schedule
@@ -187,6 +187,7 @@ def main(overrides) -> None:
 
 def run(argv=None) -> None:
   """Console entry point `bipe-train`."""
+  hostmem.retain_freed_memory()   # before JAX starts its threads: steps stop page-faulting
   cli.run(main, define_flags, argv, errors=(Diverged,))
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from bipe_jax import encodings
-from bipe_jax.attention import Bias, chunked, cudnn, dispatch, pallas_gpu, pallas_tpu, reference
+from bipe_jax.attention import Bias, chunked, cudnn, dense, dispatch, pallas_gpu, pallas_tpu, reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -153,6 +153,36 @@ def test_chunked_memory_is_linear_in_length():
   assert large < 4 * 4096 * 4096 * 4 / 8, f"{large} bytes is a sizeable part of one [H, L, L] f32"
 
 
+# --- dense (saved probabilities) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("bias,b,t,s,h,kv,docs", [
+    ("none", 2, 45, 45, 4, 2, False), ("alibi", 2, 45, 45, 4, 2, True),
+    ("fire", 2, 45, 45, 4, 2, True), ("fire", 2, 19, 45, 2, 1, True)])
+def test_dense_matches_reference(bias, b, t, s, h, kv, docs):
+  """Row blocks of 16 (the last one ragged), each scoring only its visible keys."""
+  args, kw = make_case(b=b, t=t, s=s, h=h, kv=kv, bias=bias, docs=docs)
+  assert len(dense.row_blocks(t, s, kw["q_offset"], 16)) == -(-t // 16)
+  fn = jax.jit(lambda *a, **k: dense.attention(*a, **k, row_block=16),
+               static_argnames=("q_offset",))
+  assert_matches_reference(fn, args, kw, bias_grads=bias == "fire")
+
+
+def test_dense_row_blocks_score_only_visible_keys():
+  assert dense.row_blocks(40, 40, 0, 16) == ((0, 16, 16), (16, 32, 32), (32, 40, 40))
+  assert dense.row_blocks(8, 40, 32, 16) == ((0, 8, 40),)
+  assert dense.row_blocks(8, 40, jnp.int32(32), 16) == ((0, 8, 40),)
+
+
+def test_dense_bf16_and_traced_offset():
+  args, kw = make_case(t=24, s=40, dtype=jnp.bfloat16)
+  off = kw.pop("q_offset")
+  fn = jax.jit(lambda q, k, v, off, **k_: dense.attention(q, k, v, q_offset=off, row_block=8, **k_))
+  got = fn(*args, jnp.int32(off), **kw)
+  want = reference.attention(*args, q_offset=off, **kw)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2)
+
+
 # --- Pallas, interpreted on CPU, and lowered for the real backend ------------------------------
 
 PALLAS = {
@@ -225,6 +255,12 @@ def test_dispatch_routes_by_backend_bias_and_dtype():
   r = dispatch.resolve
   assert r("auto", None, "cpu") == "chunked"
   assert r("auto", alibi, "cpu") == "chunked"
+  # dense while its probabilities are small: keys and B x H x T x S bounded
+  assert r("auto", alibi, "cpu", scores=(1, 12, 1024, 1024)) == "dense"
+  assert r("auto", fire, "cpu", scores=(4, 12, 2048, 2048)) == "chunked"
+  assert r("auto", None, "cpu", scores=(1, 1, 16, 4096)) == "chunked"
+  assert r("auto", None, "tpu", scores=(1, 12, 1024, 1024)) == "pallas"
+  assert r("dense", fire, "gpu") == "dense"
   assert r("reference", alibi, "cpu") == "reference"
   assert r("auto", None, "gpu", jnp.bfloat16) == "cudnn"
   assert r("auto", None, "gpu", jnp.bfloat16, self_attention=False) == "pallas"

@@ -15,9 +15,10 @@ import optax
 import pytest
 
 from bipe_jax import config as config_lib
-from bipe_jax import encodings, trainer
+from bipe_jax import decode, encodings, positions, trainer
 from bipe_jax.configs import base
 from bipe_jax.data import levels as data_levels, pipeline
+from bipe_jax.interop import export
 from bipe_jax.model import Decoder, ModelConfig, loss_fn
 from bipe_jax.positions import LevelSeparators, bilevel_ids
 from test_levels import FINEST, TEXTS, oracle_class, oracle_ids
@@ -224,6 +225,27 @@ def test_every_relative_kind_trains_with_three_levels(kind):
   assert last < 0.5 * first, f"{kind}: loss did not fall: {first:.3f} -> {last:.3f}"
 
 
+def test_inner_level_tables_are_summed_into_the_embedding():
+  batch = jax.tree.map(lambda x: x[0], _toy_batches())
+  for intra in ("learned", "sinusoidal"):
+    c = _small_config("bipe_rope")
+    c.pe.intra, c.pe.max_level_ids = intra, (2,)  # level-1 ids 2 clip to the last row
+    m = ModelConfig.from_config(c, V)
+    mod = encodings.InputEmbedding(m.encoding, m.pe_params, m.intra_params, m.d_model)
+    var = nn.meta.unbox(mod.init(jax.random.key(1), batch))
+    level1 = np.minimum(batch["levels"][:, 0], 1)
+    if intra == "learned":
+      p = var["params"]
+      want = np.asarray(p["table"])[batch["intra"]] + np.asarray(p["level_1"])[level1]
+    else:
+      assert not var
+      # No table to clip: the pipeline clips the ids (make_batch's bounds).
+      want = (encodings.sinusoidal(batch["intra"], m.d_model) +
+              encodings.sinusoidal(batch["levels"][:, 0], m.d_model))
+    assert (batch["levels"][:, 0] >= 2).any(), "some ids clip"
+    np.testing.assert_allclose(mod.apply(var, batch), want, rtol=1e-6, atol=1e-6)
+
+
 def test_level_table_changes_the_output():
   """The level-1 ids reach the model: shifting them changes the logits."""
   batches = _toy_batches()
@@ -233,3 +255,23 @@ def test_level_table_changes_the_output():
   shifted = {**batch, "levels": (batch["levels"] + 1) % 8}
   apply = jax.jit(model.apply)
   assert not np.allclose(apply(params, batch), apply(params, shifted))
+
+
+def test_cached_decoding_ids_follow_the_level_oracle():
+  """Cached decoding's on-device ids (positions.step_ids, one token at a time)
+  for pe.levels=3 equal the text oracle's, document restarts included."""
+  c = tiny_config(kind="bipe_rope", levels=3, max_intra=4)
+  c.data.packing = "documents"
+  corpus = _corpus(3, n=160)
+  rule = decode.position_rule(c, corpus.tokenizer, corpus.separators)
+  tokens = np.asarray(corpus.train_tokens)[None]
+  assert (tokens == BOS).sum() >= 2
+  ids, _ = positions.row_ids(positions.IdState.start(1, 3), tokens, np.ones_like(tokens, bool),
+                             jax.tree.map(jnp.asarray, rule.tables()), rule)
+  _check({k: np.asarray(v) for k, v in dict(tokens=tokens, **ids).items()},
+         pipeline.level_bounds(c))
+
+
+def test_export_refuses_more_levels():
+  with pytest.raises(config_lib.ConfigError, match="pe.levels=3 cannot be exported"):
+    export.check_exportable(tiny_config(kind="bipe_rope", levels=3))

@@ -159,6 +159,44 @@ def test_chunked_attention_equals_reference(kind, monkeypatch):
                                err_msg=f"{kind}: gradient of {jax.tree_util.keystr(path)} differs")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_dense_attention_equals_reference(kind, monkeypatch):
+  """The whole decoder with the saved-probability kernel (as `auto` runs it on
+  CPU for short sequences; rows of 4 queries, from attention.block_q) gives the
+  dense reference's logits and parameter gradients for every encoding kind."""
+  from bipe_jax.attention import dense
+  rows_seen = []
+  real_dense = dense.attention
+  def spy(*args, **kw):
+    rows_seen.append(kw.get("row_block"))
+    return real_dense(*args, **kw)
+  monkeypatch.setattr(dense, "attention", spy)
+  rng = np.random.default_rng(2)
+  is_sep = np.zeros(V, bool)
+  is_sep[[1, 2]] = True
+  batch = _batch(rng.integers(1, 12, (2, L + 1)), is_sep,
+                 np.array([[0] * (L + 1), [0] * 5 + [1] * (L + 1 - 5)]))
+  out = {}
+  for impl in ("reference", "dense"):
+    model = Decoder(_cfg(kind, attention_impl=impl, n_heads=4, n_kv_heads=2,
+                         attention_block_q=4))
+    params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
+    loss = lambda p: loss_fn(_apply(model, p, batch, True), batch["targets"], batch["loss_mask"])[0]
+    out[impl] = (_apply(model, params, batch, True), jax.grad(loss)(params))
+  assert rows_seen and set(rows_seen) == {4}, rows_seen
+  np.testing.assert_allclose(out["dense"][0], out["reference"][0], atol=2e-5, rtol=2e-5,
+                             err_msg=f"{kind}: logits differ")
+  for path, g in jax.tree_util.tree_leaves_with_path(out["reference"][1]):
+    np.testing.assert_allclose(_at(out["dense"][1], path), g, atol=2e-5, rtol=1e-4,
+                               err_msg=f"{kind}: gradient of {jax.tree_util.keystr(path)} differs")
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
 def test_attention_block_sizes_from_config_and_checked():
   from bipe_jax import config as config_lib
   c = quickstart.get_config()

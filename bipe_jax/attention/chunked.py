@@ -175,7 +175,9 @@ def _backward(static, res, do):
         qp_i = None if qp is None else qp[i]
         s = _scores(static, leaves, q_i, k_j, qd[i], kd_j, qp_i, kp_j, i, j, q_off, masked)
         p = jnp.exp(s - lse[i][..., None])   # masked scores are NEG_INF: p = 0
-        dv_j = dv_j + jnp.einsum("bkgts,bkgtd->bksd", p.astype(do.dtype), do_i,
+        # dk, dv are accumulated as [D, s]: contracting p or ds over their query
+        # axis would make XLA:CPU transpose the whole tile first.
+        dv_j = dv_j + jnp.einsum("bkgtd,bkgts->bkds", do_i, p.astype(do.dtype),
                                  preferred_element_type=_F32)
         dp = jnp.einsum("bkgtd,bksd->bkgts", do_i, v_j, preferred_element_type=_F32)
         ds = p * (dp - delta[i][..., None])
@@ -183,7 +185,7 @@ def _backward(static, res, do):
         dq_i = jnp.einsum("bkgts,bksd->bkgtd", ds_c, k_j, preferred_element_type=_F32)
         dq_acc = lax.dynamic_update_index_in_dim(
             dq_acc, lax.dynamic_index_in_dim(dq_acc, i, keepdims=False) + dq_i * static.scale, i, 0)
-        dk_j = dk_j + jnp.einsum("bkgts,bkgtd->bksd", ds_c, q_i,
+        dk_j = dk_j + jnp.einsum("bkgtd,bkgts->bkds", q_i, ds_c,
                                  preferred_element_type=_F32) * static.scale
         if pert_idx:
           dbias = jax.tree.map(jnp.add, dbias, bias_grad(ds, qp_i, kp_j))
@@ -194,9 +196,10 @@ def _backward(static, res, do):
       kind = _tile_kind(qd[i], kd_j, i, j, bq, bk, q_off)
       return lax.switch(kind, (tile_grads(False), tile_grads(True), lambda i, c: c), i, inner)
 
-    zeros_kv = jnp.zeros((b, kv, bk, d), _F32)
+    zeros_kv = jnp.zeros((b, kv, d, bk), _F32)
     dq_acc, dk_j, dv_j, dbias = lax.fori_loop(lo, nq, q_step, (dq_acc, zeros_kv, zeros_kv, dbias))
-    return (dq_acc, dbias), (dk_j.astype(k.dtype), dv_j.astype(v.dtype))
+    return (dq_acc, dbias), (dk_j.swapaxes(2, 3).astype(k.dtype),
+                             dv_j.swapaxes(2, 3).astype(v.dtype))
 
   dbias0 = [jnp.zeros_like(leaves[n], _F32) for n in pert_idx]
   xs = (jnp.arange(nk), k, v, kd, kp)

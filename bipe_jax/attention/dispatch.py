@@ -1,14 +1,16 @@
 """Picks an attention implementation from `attention.impl`, the backend and the bias type.
 
   reference  dense XLA, [B, H, T, S] scores; the test oracle
+  dense      dense with saved probabilities and causal row blocks, any backend and bias;
+             memory quadratic in length (for short sequences)
   chunked    blockwise online softmax in plain JAX, any backend, any bias object
   pallas     fused kernels (Triton on GPU, Mosaic on TPU), no bias or ALiBi `Bias`
   cudnn      cuDNN flash attention, GPU, half precision, no bias, self-attention only
-  auto       the best valid one for the backend, bias type and dtype: GPU cudnn (no
-             bias, half precision) else pallas; TPU pallas; FIRE-like biases and
-             CPU chunked (on a 2-core CPU, forward+backward 0.80x the reference's
-             time at 128 tokens and 0.15x at 4096; slower only at a few dozen
-             tokens; see BENCHMARKS.md)
+  auto       the best valid one for the backend, bias type, dtype and shapes: GPU cudnn
+             (no bias, half precision) else pallas; TPU pallas; FIRE-like biases and
+             CPU: dense while the keys are at most DENSE_MAX_KEYS and one layer's
+             probabilities at most DENSE_MAX_SCORES values, else chunked (on a
+             2-core CPU, see BENCHMARKS.md)
 
 `get(impl)` returns a kernel that resolves when traced, from the actual
 arguments (bias object, dtype, self-attention or not), logs what `auto`
@@ -26,7 +28,11 @@ import jax.numpy as jnp
 
 from bipe_jax.attention import shard
 
-IMPLS = ("auto", "reference", "chunked", "pallas", "cudnn")
+IMPLS = ("auto", "reference", "dense", "chunked", "pallas", "cudnn")
+# `auto` takes `dense` on CPU up to these sizes: its saved probabilities cost
+# B*H*T*S*4 bytes per layer (48 MiB for 12 heads at 1024 tokens).
+DENSE_MAX_KEYS = 2048
+DENSE_MAX_SCORES = 2**26
 _HALF = (jnp.bfloat16, jnp.float16)
 _log = logging.getLogger(__name__)
 _logged: set = set()
@@ -50,7 +56,7 @@ def valid_impls(backend: str | None = None, kind: str = "none", dtype=None,
   e.g. decoding against a cache), which cuDNN's path does not run.
   """
   backend = _backend(backend)
-  names = ["reference", "chunked"]
+  names = ["reference", "dense", "chunked"]
   if backend in ("gpu", "tpu") and kind in ("none", "alibi"):
     names.append("pallas")
   if (backend == "gpu" and kind == "none" and self_attention
@@ -90,10 +96,12 @@ def check(impl: str, kind: str | None = None, backend: str | None = None, *,
 
 def resolve(impl: str, bias=None, backend: str | None = None, dtype=None, *,
             kind: str | None = None, encoding: str | None = None,
-            self_attention: bool = True) -> str:
+            self_attention: bool = True, scores: tuple | None = None) -> str:
   """The concrete implementation `impl` stands for, given the call's bias and dtype.
 
   `kind` ("none" | "alibi" | "other") overrides the kind read from `bias`.
+  `scores`: the (B, H, T, S) shape of the call's score matrix; without it
+  `auto` never picks `dense`.
   """
   _check_name(impl)
   kind = kind or bias_kind(bias)
@@ -111,13 +119,19 @@ def resolve(impl: str, bias=None, backend: str | None = None, dtype=None, *,
     return "cudnn"
   if "pallas" in valid:
     return "pallas"
+  if backend == "cpu" and scores and _dense_fits(*scores):
+    return "dense"
   return "chunked"
+
+
+def _dense_fits(b: int, h: int, t: int, s: int) -> bool:
+  return s <= DENSE_MAX_KEYS and b * h * t * s <= DENSE_MAX_SCORES
 
 
 def kernel_fn(name: str, backend: str | None = None):
   """The function implementing concrete `name` on `backend`."""
   backend = _backend(backend)
-  module = {"reference": "reference", "chunked": "chunked", "cudnn": "cudnn",
+  module = {"reference": "reference", "dense": "dense", "chunked": "chunked", "cudnn": "cudnn",
             "pallas": "pallas_gpu" if backend == "gpu" else "pallas_tpu"}[name]
   return importlib.import_module(f"bipe_jax.attention.{module}").attention
 
@@ -128,8 +142,8 @@ def get(impl: str, mesh=None, batch_axes=None, **block_sizes):
   Resolution happens when the returned function is traced (it sees the bias
   type, the dtype and whether queries and keys are the same tokens); with an active mesh of several devices
   the kernel runs under shard_map (see attention.shard). `block_sizes`
-  (block_q=, block_k=) reach the blockwise kernels (chunked, pallas); None or
-  0 keeps a kernel's default.
+  (block_q=, block_k=) reach the blockwise kernels (chunked, pallas), block_q
+  also `dense` (its row block); None or 0 keeps a kernel's default.
   """
   check(impl)
   blocks = {k: v for k, v in block_sizes.items() if v}
@@ -141,7 +155,8 @@ def get(impl: str, mesh=None, batch_axes=None, **block_sizes):
     backend = _backend(None)
     self_attention = (q_BTHD.shape[1] == k_BSKD.shape[1]
                       and isinstance(q_offset, int) and q_offset == 0)
-    name = resolve(impl, bias, backend, q_BTHD.dtype, self_attention=self_attention)
+    name = resolve(impl, bias, backend, q_BTHD.dtype, self_attention=self_attention,
+                   scores=(*q_BTHD.shape[:3], k_BSKD.shape[1]))
     key = (impl, name, backend, bias_kind(bias), k_BSKD.shape[1], jnp.dtype(q_BTHD.dtype).name)
     if key not in _logged:
       _logged.add(key)
@@ -149,6 +164,8 @@ def get(impl: str, mesh=None, batch_axes=None, **block_sizes):
     fn = kernel_fn(name, backend)
     if blocks and name in ("chunked", "pallas"):
       fn = functools.partial(fn, **blocks)
+    elif blocks.get("block_q") and name == "dense":
+      fn = functools.partial(fn, row_block=blocks["block_q"])
     kernel = shard.sharded(fn, mesh, batch_axes)
     return kernel(q_BTHD, k_BSKD, v_BSKD, q_doc_BT=q_doc_BT, k_doc_BS=k_doc_BS,
                   bias=bias, q_offset=q_offset)

@@ -78,9 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.pe[key] = encodings.params.to_config(default)
 
   c.attention = ml_collections.ConfigDict()
-  c.attention.impl = "auto"       # auto | reference | chunked | pallas | cudnn (see bipe_jax/attention)
+  c.attention.impl = "auto"       # auto | reference | dense | chunked | pallas | cudnn (see bipe_jax/attention)
   c.attention.block_q = 0         # query / key tile of the blockwise kernels (chunked, pallas);
-  c.attention.block_k = 0         # 0 = the kernel's default (chunked and pallas TPU 512x512, pallas GPU 64x64)
+  c.attention.block_k = 0         # 0 = the kernel's default (chunked and pallas TPU 512x512, pallas GPU 64x64);
+                                  # block_q is also dense's query row block (default 256)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 256

@@ -27,8 +27,8 @@ import numpy as np
 
 from bipe_jax import positions
 from bipe_jax.data import levels, sources
-from bipe_jax.encodings import absolute
 from bipe_jax.data.tokenizer import Tokenizer, load_or_train
+from bipe_jax.encodings import absolute
 
 PACKINGS = ("windows", "documents")
 _CACHE_VERSION = 1
@@ -347,7 +347,7 @@ def train_iterator(config, corpus: Corpus, seed: int | None = None,
   if batch % shard_count:
     raise ValueError(f"train.batch_size {batch} is not divisible by {shard_count} shards")
   batch //= shard_count
-  tokens, table, bounds = corpus.train_tokens, corpus.separators, level_bounds(config)
+  tokens, seps, bounds = corpus.train_tokens, corpus.separators, level_bounds(config)
   # One background thread computes a few batches ahead; more buys nothing on
   # small hosts and a large buffer would hold hundreds of batches in memory.
   read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
@@ -360,7 +360,7 @@ def train_iterator(config, corpus: Corpus, seed: int | None = None,
     ds = ds.slice(slice(shard_index, None, shard_count)) if shard_count > 1 else ds
     ds = ds.map(lambda i: np.asarray(tokens[i * length:i * length + length + 1]))
     ds = ds.batch(batch, drop_remainder=True)
-    ds = ds.map(lambda rows: make_batch(rows, table, bounds))
+    ds = ds.map(lambda rows: make_batch(rows, seps, bounds))
     return iter(ds.to_iter_dataset(read))
   starts, ends = _document_chunks(corpus.train_doc_starts, len(tokens), length)
   if not len(starts):
@@ -375,7 +375,7 @@ def train_iterator(config, corpus: Corpus, seed: int | None = None,
       padding_struct={"tokens": corpus.tokenizer.pad_id})
   # Segment ids count 1, 2, ... per packed chunk and are 0 at padding.
   out = packed.batch(batch, drop_remainder=True).map(
-      lambda b: make_batch(b["tokens"], table, bounds,
+      lambda b: make_batch(b["tokens"], seps, bounds,
                            doc_ids=b["tokens_segment_ids"],
                            valid=b["tokens_segment_ids"] > 0))
   return iter(out)

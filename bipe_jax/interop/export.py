@@ -45,6 +45,9 @@ def check_exportable(config) -> None:
   if pe.kind == "bipe_rope" and pe.intra != "learned":
     raise config_lib.ConfigError(f"pe.intra={pe.intra!r} cannot be exported: the release's "
                                  "intra-segment table is learned")
+  if pe.levels != 2:
+    raise config_lib.ConfigError(f"pe.levels={pe.levels} cannot be exported: the release's "
+                                 "layout has two levels (intra and inter) only")
   if pe.rope_scaling.kind != "none":
     raise config_lib.ConfigError(
         f"pe.rope_scaling.kind={pe.rope_scaling.kind!r} cannot be exported: the release's "

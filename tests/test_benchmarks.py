@@ -1,0 +1,58 @@
+"""benchmarks/gpu.sh checks its steps without a GPU (--dry-run) and fails loudly."""
+import os
+import subprocess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "benchmarks", "gpu.sh")
+
+
+def _run(tmp_path, *args, **env):
+  out = tmp_path / "gpu.txt"
+  proc = subprocess.run(["bash", SCRIPT, "--dry-run", "--out", str(out), *args],
+                        capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+  return proc, out.read_text() if out.exists() else ""
+
+
+def test_gpu_script_dry_run_checks_every_step(tmp_path):
+  proc, written = _run(tmp_path)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  for step in ("kernel tests", "Pallas BiPE-ALiBi", "cuDNN (no bias)", "151M training step",
+               "evaluation 8k / 32k"):
+    assert f"== {step}" in proc.stdout and f"== {step}" in written, step
+  assert "dry run, steps checked" in written
+
+
+def test_gpu_script_fails_early_and_says_why(tmp_path):
+  proc, written = _run(tmp_path, PYTHON="false")
+  assert proc.returncode != 0
+  assert proc.stderr.startswith("error:") and "cannot import" in proc.stderr
+  assert "== kernel tests" not in proc.stdout, "it went on after the failed check"
+  proc, _ = _run(tmp_path, "--bogus")
+  assert proc.returncode == 2 and "unknown argument --bogus" in proc.stderr
+
+
+def test_train_step_model_flops_count_non_embedding_parameters_and_attention():
+  """6 x (non-embedding parameters) x tokens + 12 x layers x d x seq_len x tokens,
+  the parameters counted by hand from the architecture (no token or intra table)."""
+  import sys
+  import types
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  from bipe_jax.model import Decoder, ModelConfig
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import train_step
+  v, d, layers, f, seq = 100, 16, 2, 24, 8
+  cfg = ModelConfig(vocab_size=v, d_model=d, n_layers=layers, n_heads=2, n_kv_heads=2, d_ff=f,
+                    pe_kind="bipe_rope", max_intra=4)
+  z = np.zeros((1, seq), np.int32)
+  batch = dict(tokens=z, intra=z, inter=z, positions=z, doc_ids=z)
+  params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(0), batch)["params"])
+  assert "intra" in params and "embed" in params
+  per_layer = 4 * d * d + 3 * d * f + 2 * d     # q, k, v, o; gate, up, down; two norms
+  non_embedding = layers * per_layer + d + d * v  # final norm, LM head
+  c = types.SimpleNamespace(model=types.SimpleNamespace(n_layers=layers, d_model=d),
+                            data=types.SimpleNamespace(seq_len=seq))
+  tokens = 3 * seq
+  want = 6 * non_embedding * tokens + 12 * layers * d * seq * tokens
+  assert train_step.model_flops(params, c, tokens) == want
