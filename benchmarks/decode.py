@@ -30,7 +30,7 @@ def measure(args) -> dict:
   import jax
   import numpy as np
   from bipe_jax import config as config_lib
-  from bipe_jax import decode
+  from bipe_jax import decode, positions
   from bipe_jax.trainer import Trainer
   c = config_lib.load_file(os.path.join(REPO, args.config))
   if args.quick:
@@ -43,7 +43,7 @@ def measure(args) -> dict:
   rng = np.random.default_rng(0)
   table = np.zeros(vocab, bool)
   table[rng.choice(vocab, max(1, vocab // 13), replace=False)] = True
-  rule = decode.PositionRule(table, int(c.pe.max_intra), 1, c.data.packing != "windows")
+  rule = positions.PositionRule(table, int(c.pe.max_intra), 1, c.data.packing != "windows")
   gen = decode.Generator(trainer.model, rule, trainer.mesh, trainer.rules)
   prompts = [rng.integers(2, vocab, args.prompt_len) for _ in range(args.batch)]
   runs = [gen(params, prompts, args.new) for _ in range(args.repeats + 1)]

@@ -1,6 +1,6 @@
 """Cached decoding for every encoding kind: prefill a prompt, then one token at a time.
 
-    gen = Generator(model, PositionRule.from_config(config, tokenizer, table))
+    gen = Generator(model, position_rule(config, tokenizer, corpus.separators))
     out = gen(params, prompts, max_new=64, sampling=Sampling(temperature=0.8, top_p=0.9))
 
 Prompts of different lengths share a batch by LEFT padding: row b's prompt of
@@ -10,11 +10,11 @@ and position ids restart at each row's first real token, so a row's logits do
 not depend on the padding in front of it. Every row then writes its next token
 at the same slot, one shared cache index.
 
-Position ids are produced on device, token by token, by `step_ids`: the rule of
-`positions.BilevelState` (intra/inter of the next token; a separator ends its
-segment) plus the pipeline's document restarts (a BOS token starts a new
-document when `data.packing` is not "windows"), vectorised over the batch.
-Tests check it against `positions.bilevel_ids` on whole rows.
+Position ids are produced on device, token by token, by `positions.step_ids`:
+the rule of `positions.BilevelState` (intra/inter of the next token; a
+separator ends its segment) plus the pipeline's document restarts (a BOS token
+starts a new document when `data.packing` is not "windows"), vectorised over
+the batch. Tests check it against `positions.bilevel_ids` on whole rows.
 
 The model is called through its ordinary path (`Decoder(batch, cache=...)`):
 the prompt goes through the training attention kernels, the encoding rotates
@@ -37,82 +37,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from bipe_jax import sharding
+from bipe_jax.data import pipeline
 from bipe_jax.kv_cache import PAD_DOC, KVCache
+from bipe_jax.positions import IdState, PositionRule, row_ids, step_ids
 
 PROMPT_MULTIPLE = 16   # prompt slots round up to this, so few shapes compile
 CACHE_MULTIPLE = 64
-
-
-# Position ids, token by token ---------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class PositionRule:
-  """How position ids follow from tokens (what the training pipeline did).
-
-  is_separator: bool [V]; max_intra: intra ids clip to max_intra - 1 (None:
-  no clip); bos_id: the token that starts a document; restart_docs: a BOS
-  restarts every counter (data.packing "documents"), else ids run on.
-  """
-  is_separator: np.ndarray
-  max_intra: int | None
-  bos_id: int
-  restart_docs: bool
-
-  @classmethod
-  def from_config(cls, config, tokenizer, is_separator) -> "PositionRule":
-    if config.pe.levels != 2:
-      # positions.LevelState is the K-level rule; this loop carries two levels.
-      raise ValueError(f"cached decoding supports pe.levels=2 only; this model has "
-                       f"pe.levels={config.pe.levels}")
-    return cls(np.asarray(is_separator, bool), int(config.pe.max_intra), int(tokenizer.bos_id),
-               config.data.packing != "windows")
-
-
-@flax.struct.dataclass
-class IdState:
-  """Per row [B]: the ids the next token gets unless it starts a document.
-
-  intra (unclipped) / inter as positions.BilevelState; pos: flat index in the
-  document; doc: document id.
-  """
-  intra: jnp.ndarray
-  inter: jnp.ndarray
-  pos: jnp.ndarray
-  doc: jnp.ndarray
-
-  @classmethod
-  def start(cls, batch: int) -> "IdState":
-    z = jnp.zeros((batch,), jnp.int32)
-    return cls(z, z, z, z)
-
-
-def step_ids(state: IdState, tok_B, valid_B, is_sep_V, rule: PositionRule):
-  """Ids of one new token per row and the state after it.
-
-  Returns ({intra, inter, positions, doc_ids} of [B] int32, next state). A row
-  with valid False (padding, or already stopped) keeps its state and gets
-  document PAD_DOC.
-  """
-  new_doc = (tok_B == rule.bos_id) & rule.restart_docs
-  doc = state.doc + new_doc
-  fresh = lambda x: jnp.where(new_doc, 0, x)
-  intra, inter, pos = fresh(state.intra), fresh(state.inter), fresh(state.pos)
-  clipped = intra if rule.max_intra is None else jnp.minimum(intra, rule.max_intra - 1)
-  ids = dict(intra=clipped, inter=inter, positions=pos, doc_ids=jnp.where(valid_B, doc, PAD_DOC))
-  # positions.BilevelState.advance: a separator ends its segment.
-  sep = is_sep_V[tok_B]
-  nxt = IdState(jnp.where(sep, 0, intra + 1), inter + sep, pos + 1, doc)
-  nxt = jax.tree.map(lambda n, o: jnp.where(valid_B, n, o), nxt, state)
-  return jax.tree.map(lambda x: x.astype(jnp.int32), ids), nxt
-
-
-def row_ids(state: IdState, tokens_BT, valid_BT, is_sep_V, rule: PositionRule):
-  """`step_ids` over T tokens per row: ({name: [B, T] int32}, state after them)."""
-  def body(s, xs):
-    ids, s = step_ids(s, xs[0], xs[1], is_sep_V, rule)
-    return s, ids
-  state, ids = jax.lax.scan(body, state, (tokens_BT.T, valid_BT.T))
-  return {k: v.T for k, v in ids.items()}, state
 
 
 # Sampling -----------------------------------------------------------------------
@@ -190,6 +120,13 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+def position_rule(config, tokenizer, separators) -> PositionRule:
+  """The id rule of a run: its separators (a bool [V] table or the corpus's
+  LevelSeparators), clip bounds and document restarts, as its pipeline had them."""
+  return PositionRule(separators, pipeline.level_bounds(config), int(tokenizer.bos_id),
+                      config.data.packing != "windows")
+
+
 class Generator:
   """Cached decoding with a bipe_jax.model.Decoder.
 
@@ -204,16 +141,17 @@ class Generator:
     # Rows are padded to a multiple of the data-parallel size, so they split evenly.
     self.dp = 1 if mesh is None or rules is None else sharding.data_parallel_size(
         dict(mesh.shape), rules)
-    self.table = jnp.asarray(rule.is_separator)
+    self.tables = jax.tree.map(jnp.asarray, rule.tables())
     self._cache = {}
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("max_len", "max_new", "keep"))
     self._decode = jax.jit(self._decode_fn, donate_argnums=1,
                            static_argnames=("sampling", "stop", "chunk"))
 
   @classmethod
-  def for_trainer(cls, trainer, tokenizer, is_separator) -> "Generator":
-    """A Generator for a bipe_jax.trainer.Trainer's model, on its mesh."""
-    return cls(trainer.model, PositionRule.from_config(trainer.config, tokenizer, is_separator),
+  def for_trainer(cls, trainer, tokenizer, separators) -> "Generator":
+    """A Generator for a bipe_jax.trainer.Trainer's model, on its mesh;
+    `separators` as the run's pipeline had them (Corpus.separators)."""
+    return cls(trainer.model, position_rule(trainer.config, tokenizer, separators),
                trainer.mesh, trainer.rules, tokenizer.pad_id)
 
   # Jitted pieces ----------------------------------------------------------------
@@ -233,17 +171,19 @@ class Generator:
                  kept_BNV=None if c.kept_BNV is None else rows3)
     return self._constrain(c, axes)
 
-  def _prefill_fn(self, params, tokens_BP, valid_BP, table, max_len: int, max_new: int,
-                  keep: bool):
+  def _prefill_fn(self, params, tokens_BP, valid_BP, tables, live_B, max_len: int,
+                  max_new: int, keep: bool):
+    """live_B: False for rows that only pad the batch to the data-parallel size."""
     b = tokens_BP.shape[0]
-    ids, state = row_ids(IdState.start(b), tokens_BP, valid_BP, table, self.rule)
+    ids, state = row_ids(IdState.start(b, self.rule.levels), tokens_BP, valid_BP, tables,
+                         self.rule, PAD_DOC)
     cache = KVCache.zeros(self.model.cfg, b, max_len)
     cache = self._constrain(cache, cache.logical_axes())
     logits_BPV, cache = self.model.apply({"params": params}, dict(tokens=tokens_BP, **ids),
-                                         cache=cache)
+                                         cache=cache, last_only=not keep)
     v = logits_BPV.shape[-1]
     carry = Carry(cache=cache, ids=state, logits_BV=logits_BPV[:, -1],
-                  done_B=jnp.zeros((b,), bool),
+                  done_B=~live_B,
                   out_BN=jnp.full((b, max_new), self.pad_id, jnp.int32),
                   n=jnp.zeros((), jnp.int32),
                   kept_BNV=jnp.zeros((b, max_new, v), jnp.float32) if keep else None)
@@ -266,15 +206,15 @@ class Generator:
       kept = None
       if c.kept_BNV is not None:
         kept = jax.lax.dynamic_update_index_in_dim(c.kept_BNV, c.logits_BV, c.n, 1)
-      ids, state = step_ids(c.ids, tok_B, ~c.done_B, table, self.rule)
-      batch = {k: v[:, None] for k, v in dict(tokens=tok_B, **ids).items()}
+      ids, state = step_ids(c.ids, tok_B, ~c.done_B, tables, self.rule, PAD_DOC)
+      batch = {k: v[..., None] for k, v in dict(tokens=tok_B, **ids).items()}
       logits_B1V, cache = self.model.apply({"params": params}, batch, cache=c.cache)
       return Carry(cache=cache, ids=state, logits_BV=logits_B1V[:, 0],
                    done_B=c.done_B | jnp.isin(tok_B, stop_S),
                    out_BN=jax.lax.dynamic_update_index_in_dim(c.out_BN, tok_B, c.n, 1),
                    n=c.n + 1, kept_BNV=kept)
 
-    table = self.table
+    tables = self.tables
     return self._constrain_carry(jax.lax.while_loop(cond, body, carry))
 
   def _compiled(self, args, forced, key, prefill_kw: dict, decode_kw: dict):
@@ -328,7 +268,8 @@ class Generator:
     stop = tuple(sorted({int(t) for t in stop_tokens}))
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       t0 = time.perf_counter()
-      args = (params, tokens, valid, self.table)
+      live = np.arange(len(prompts)) < n_rows
+      args = (params, tokens, valid, self.tables, live)
       prefill, decode = self._compiled(args, forced, key, dict(
           max_len=max_len, max_new=max_new, keep=keep_logits), dict(
               sampling=sampling, stop=stop, chunk=chunk))

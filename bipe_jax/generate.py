@@ -23,13 +23,15 @@ import numpy as np
 
 from bipe_jax import cli, decode, evaluate
 from bipe_jax import config as config_lib
+from bipe_jax.data import levels
 from bipe_jax.data.tokenizer import Tokenizer
 from bipe_jax.interop import release
 from bipe_jax.trainer import Trainer
 
 
 def load_tokenizer(config, workdir: str):
-  """(Tokenizer, separator table) of a bipe-train work dir, without reading the corpus."""
+  """(Tokenizer, separators) of a bipe-train work dir (a positions.LevelSeparators,
+  as its pipeline had them), without reading the corpus."""
   path = config.tokenizer.model or os.path.join(
       config.data.cache_dir or os.path.join(workdir, "data"), "tokenizer.model")
   if not os.path.isfile(path):
@@ -37,12 +39,13 @@ def load_tokenizer(config, workdir: str):
                             "bipe-train) is needed; set --config.tokenizer.model=PATH")
   tok = Tokenizer.load(path)
   seg = config.segmentation
-  return tok, tok.separator_table(seg.modality, seg.cot_delimiter, seg.separator_ids)
+  return tok, levels.separators(tok, config.pe.levels, seg.modality, seg.cot_delimiter,
+                                seg.separator_ids, seg.level_separator_ids)
 
 
 def load(workdir: str | None, hf_checkpoint: str | None = None, step: int | None = None,
          mesh: str | None = None, overrides=()):
-  """(config, trainer, params, tokenizer, separator table) of a work dir or release dir."""
+  """(config, trainer, params, tokenizer, separators) of a work dir or release dir."""
   if hf_checkpoint:
     imported = release.load(hf_checkpoint)
     config = imported.config
@@ -52,14 +55,14 @@ def load(workdir: str | None, hf_checkpoint: str | None = None, step: int | None
   evaluate.choose_mesh(config, mesh)
   config_lib.validate(config)
   if hf_checkpoint:
-    tok, table = release.load_tokenizer(hf_checkpoint)
+    tok, seps = release.load_tokenizer(hf_checkpoint)
     trainer = Trainer(config, imported.model_cfg.vocab_size)
     params = jax.device_put(imported.params, trainer.param_sharding)
   else:
-    tok, table = load_tokenizer(config, workdir)
+    tok, seps = load_tokenizer(config, workdir)
     trainer, state = evaluate.restore_params(config, workdir, tok.vocab_size, step)
     params = state.params
-  return config, trainer, params, tok, table
+  return config, trainer, params, tok, seps
 
 
 class TextStream:
@@ -69,14 +72,15 @@ class TextStream:
   across calls is printed once its last byte arrives.
   """
 
-  def __init__(self, tokenizer, out=sys.stdout):
+  def __init__(self, tokenizer, out=None):
     self.tok, self.out, self.ids, self.shown = tokenizer, out, [], 0
 
   def __call__(self, new_BN) -> None:
     self.ids.extend(int(t) for t in new_BN[0])
     text = self.tok.decode(self.ids).rstrip("\ufffd")
-    self.out.write(text[self.shown:])
-    self.out.flush()
+    out = self.out or sys.stdout
+    out.write(text[self.shown:])
+    out.flush()
     self.shown = max(self.shown, len(text))
 
 
@@ -88,14 +92,14 @@ def generate(workdir, prompt: str, max_new_tokens: int, sampling: decode.Samplin
              seed: int = 0, stop_ids=(), stop_at_bos: bool = True, chunk: int = 16,
              hf_checkpoint=None, step=None, mesh=None, overrides=()) -> decode.Output:
   """Prints the prompt and its continuation as it is produced, then the rates."""
-  config, trainer, params, tok, table = load(workdir, hf_checkpoint, step, mesh, overrides)
+  config, trainer, params, tok, seps = load(workdir, hf_checkpoint, step, mesh, overrides)
   ids = np.concatenate([[tok.bos_id], tok.encode(prompt)]).astype(np.int32)
   stops = list(stop_ids) + ([tok.bos_id] if stop_at_bos else [])
   bad = [t for t in stops if not 0 <= t < tok.vocab_size]
   if bad:
     raise config_lib.ConfigError(f"--stop_ids {bad} lie outside the vocabulary "
                                  f"[0, {tok.vocab_size})")
-  gen = decode.Generator.for_trainer(trainer, tok, table)
+  gen = decode.Generator.for_trainer(trainer, tok, seps)
   print(prompt, end="", flush=True)
   out = gen(params, [ids], max_new_tokens, sampling, seed, stops, chunk, TextStream(tok))
   print()

@@ -220,7 +220,8 @@ class Decoder(nn.Module):
   cache: a kv_cache.KVCache for cached decoding (bipe_jax.decode): the batch
   holds the next L tokens of each row (the prompt, then one at a time); they
   are written at the cache's index and attend to everything written before.
-  Returns (logits, the cache after them) then.
+  Returns (logits, the cache after them) then. last_only: logits of the last
+  position only, [B, 1, V].
 
   activation_rules: logical axis -> mesh axes (`bipe_jax.sharding.rules`)
   pinning activation layouts under a mesh; None leaves them to the compiler.
@@ -232,7 +233,7 @@ class Decoder(nn.Module):
   activation_rules: Any = None
 
   @nn.compact
-  def __call__(self, batch, train: bool = False, cache=None):
+  def __call__(self, batch, train: bool = False, cache=None, last_only: bool = False):
     c = self.cfg
     enc = c.encoding
     embed = self.param("embed", _init(c.init_std, "vocab", "embed"),
@@ -258,6 +259,8 @@ class Decoder(nn.Module):
       else:
         x_BLD, kv = block(c, rules, name=f"layer_{i}")(x_BLD, batch, pos_BL, cache.layer(i))
         layers.append(kv)
+    if last_only:
+      x_BLD = x_BLD[:, -1:]  # a long prompt's logits [B, L, V] would be all but unused
     x_BLD = RMSNorm(c.norm_eps, c.param_dtype, name="final_norm")(x_BLD)
     head = self.param("lm_head", _init(c.init_std, "embed", "vocab"),
                       (c.d_model, c.vocab_size), c.param_dtype)
@@ -266,7 +269,7 @@ class Decoder(nn.Module):
     logits_BLV = _constrain(logits_BLV, rules, "batch", "length", "vocab")
     if cache is None:
       return logits_BLV
-    return logits_BLV, cache.advance(layers, x_BLD.shape[1])
+    return logits_BLV, cache.advance(layers, batch["tokens"].shape[1])
 
 
 def loss_fn(logits_BLV, targets_BL, loss_mask_BL):

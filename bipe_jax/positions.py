@@ -13,13 +13,18 @@ are tokens), and the outermost id counts the level-(K-1) units of its document.
 With K = 2 this is (intra, inter) exactly.
 
 The same rules, one token at a time, are `BilevelState.advance` and
-`LevelState.step`, which cached decoding uses so that the pipeline and
-generation can never disagree.
+`LevelState.step`; `step_ids` is the bilevel rule in jnp for a batch of rows
+at once, with the pipeline's document restarts, and cached decoding
+(bipe_jax.decode) runs it on device, so the pipeline and generation can never
+disagree (tests check it against `bilevel_ids` on whole rows).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -331,3 +336,104 @@ class LevelState:
     """After `token`: its class from `separators` (with the blank-line context), then advance."""
     cls, run = separators.next_class(token, self.run)
     return dataclasses.replace(self.advance(cls), run=run)
+
+
+# Token by token on device, vectorised over a batch (cached decoding) ------------
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PositionRule:
+  """How position ids follow from tokens (what the training pipeline did).
+
+  separators: a bool [V] table (two levels) or a LevelSeparators (K levels);
+  max_ids: clip bounds of the inner levels as `level_ids` takes them (an int:
+  intra only; None: no clip); bos_id: the token that starts a document;
+  restart_docs: a BOS restarts every counter (data.packing "documents"),
+  else ids run on across documents.
+  """
+  separators: LevelSeparators | np.ndarray
+  max_ids: object
+  bos_id: int
+  restart_docs: bool
+
+  def __post_init__(self):
+    object.__setattr__(self, "separators", LevelSeparators.of(self.separators))
+    object.__setattr__(self, "max_ids", tuple(_bounds(self.max_ids, self.levels)))
+
+  @property
+  def levels(self) -> int:
+    return self.separators.levels
+
+  def tables(self) -> dict:
+    """The per-piece tables `step_ids` reads, as arrays to put on device."""
+    s = self.separators
+    out = {"piece_class": s.piece_class.astype(np.int32)}
+    if s.newlines is not None and s.levels > 2:
+      out.update(newlines=np.asarray(s.newlines, np.int32),
+                 blank_lead=np.asarray(s.blank_lead, bool), space=np.asarray(s.space, bool))
+    return out
+
+
+class IdState(NamedTuple):
+  """Per row: the counters the next token gets unless it starts a document.
+
+  counts [K, B] finest first, unclipped (as LevelState.counts; with two
+  levels BilevelState's intra and inter); run [B] the blank-line context of
+  LevelSeparators.next_class; pos [B] flat index in the document; doc [B].
+  """
+  counts: jnp.ndarray
+  run: jnp.ndarray
+  pos: jnp.ndarray
+  doc: jnp.ndarray
+
+  @classmethod
+  def start(cls, batch: int, levels: int = 2) -> "IdState":
+    z = jnp.zeros((batch,), jnp.int32)
+    return cls(jnp.zeros((levels, batch), jnp.int32), z, z, z)
+
+
+def step_ids(state: IdState, tok_B, valid_B, tables: dict, rule: PositionRule,
+             pad_doc: int = -1):
+  """Ids of one new token per row and the state after it (jnp, jittable).
+
+  tok_B, valid_B: [B]; tables: `rule.tables()` on device. Returns ({intra,
+  inter, positions, doc_ids: [B] int32; levels: [B, K-2] with K > 2}, next
+  state). A row with valid False (padding, or a row that has stopped) keeps
+  its state and gets document `pad_doc`.
+  """
+  k = rule.levels
+  new_doc = (tok_B == rule.bos_id) & rule.restart_docs
+  fresh = lambda x: jnp.where(new_doc, 0, x)
+  counts, run, pos = fresh(state.counts), fresh(state.run), fresh(state.pos)
+  doc = state.doc + new_doc
+  ids_KB = jnp.stack([c if m is None else jnp.minimum(c, m - 1)
+                      for c, m in zip(counts, rule.max_ids)])
+  ids = dict(intra=ids_KB[0], inter=ids_KB[-1], positions=pos,
+             doc_ids=jnp.where(valid_B, doc, pad_doc))
+  if k > 2:
+    ids["levels"] = ids_KB[1:-1].T
+  # LevelSeparators.next_class, then LevelState.advance (BilevelState's with K = 2).
+  cls = tables["piece_class"][tok_B]
+  if "newlines" in tables:
+    n_nl, space = tables["newlines"][tok_B], tables["space"][tok_B]
+    ends = ~space & (n_nl > 0)
+    run_next = jnp.where(space, run, jnp.where(
+        ends, n_nl + jnp.where(tables["blank_lead"][tok_B], run, 0), 0))
+    cls = jnp.where(ends, jnp.maximum(cls, jnp.minimum(run_next, k - 1)), cls)
+  else:
+    run_next = run
+  level_K1 = jnp.arange(k)[:, None]
+  counts_next = jnp.where(level_K1 < cls, 0, counts + (level_K1 == cls))
+  nxt = IdState(counts_next, run_next, pos + 1, doc)
+  nxt = jax.tree.map(lambda n, o: jnp.where(valid_B, n, o), nxt, state)
+  return jax.tree.map(lambda x: x.astype(jnp.int32), ids), nxt
+
+
+def row_ids(state: IdState, tokens_BT, valid_BT, tables: dict, rule: PositionRule,
+            pad_doc: int = -1):
+  """`step_ids` over T tokens per row: ({name: [B, T] int32, levels [B, K-2, T]},
+  state after them)."""
+  def body(s, xs):
+    ids, s = step_ids(s, xs[0], xs[1], tables, rule, pad_doc)
+    return s, ids
+  state, ids = jax.lax.scan(body, state, (tokens_BT.T, valid_BT.T))
+  return {k: jnp.moveaxis(v, 0, -1) for k, v in ids.items()}, state

@@ -62,6 +62,17 @@ def main(out_path):
       want = full[b, :len(p) + forced.shape[1] - 1]
       err = max(err, float(np.abs(got - want).max()))
       scale = max(scale, float(np.abs(want).max()))
+    if kind == "bipe_rope":
+      # Three rows on data=2: a fourth pads the batch and must neither show nor
+      # keep the loop running once the real rows have stopped.
+      three = prompts + [np.array([T.BOS, 4, 3])]
+      alone = decode.Generator(model, T._rule())(params, three, 6)
+      stops = {int(t[0]) for t in alone.tokens}
+      mesh_out = gen(on_mesh, three, 6)
+      stopped = gen(on_mesh, three, 6, stop_tokens=sorted(stops))
+      result["three_rows"] = {
+          "equal": all(np.array_equal(a, b) for a, b in zip(alone.tokens, mesh_out.tokens)),
+          "rows": len(mesh_out.tokens), "decode_tokens_after_stop": stopped.decode_tokens}
     q = on_mesh["layer_0"]["attn"]["q"]["kernel"]
     k_cache = out.cache.k[0]
     result[kind] = {"max_abs_err": err, "max_abs_logit": scale,

@@ -162,7 +162,7 @@ def test_greedy_matches_token_by_token_argmax():
                                               doc_ids=z))["params"]
   prompts = [np.array([1, 5, 3, 9]), np.array([1, 7, 2, 2, 4, 8, 3])]
   max_new = 37
-  rule = decode.PositionRule(table, cfg.max_intra, 1, restart_docs=False)
+  rule = positions.PositionRule(table, cfg.max_intra, 1, restart_docs=False)
   got = decode.Generator(model, rule)(params, prompts, max_new, chunk=16).tokens
   # Reference: one row at a time, one forward per token on a fixed-width buffer
   # (one compilation; the causal model ignores what lies after the last token).

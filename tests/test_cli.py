@@ -134,7 +134,13 @@ def test_bad_eval_and_convert_command_lines_exit_2_naming_the_flag_or_file(tmp_p
          ([f"--workdir={damaged}"], f"{damaged}/config.json"),
          ([f"--workdir={listed}"], f"{listed}/config.json"),
          ([f"--workdir={tmp_path}/nonexistent"], f"{tmp_path}/nonexistent/config.json"),
-         (["--workdir="], "--workdir"), ([], "--workdir"), ([w, "extra"], "extra")])
+         (["--workdir="], "--workdir"), ([], "--workdir"), ([w, "extra"], "extra"),
+         ([w, "--task=bogus"], "--task"),
+         ([w, "--task=passkey", "--passkey_depths=0,2"], "--passkey_depths"),
+         ([w, "--task=passkey", "--passkey_depths=x"], "--passkey_depths"),
+         ([w, "--task=passkey", "--passkey_trials=0"], "--passkey_trials"),
+         ([w, "--task=passkey", "--passkey_digits=0"], "--passkey_digits"),
+         ([w, "--task=passkey", "--source=x.txt"], "--source")])
   out = f"--workdir={tmp_path}/out"
   convert_cases = [
       ([out], "--hf_checkpoint"), ([f"--hf_checkpoint={no_json}"], "--workdir"),
@@ -192,7 +198,20 @@ def test_quiet_progress_then_eval_overrides_and_real_entry_points(tmp_path):
                   lines[-1]), lines[-1]
   assert len(proc.stderr.splitlines()) <= 2, proc.stderr[-3000:]
 
+  # bipe-eval --task=passkey: the table by length and depth, passkey.json and the heat map.
+  proc = subprocess.run([sys.executable, "-m", "bipe_jax.evaluate", f"--workdir={workdir}",
+                         "--task=passkey", "--lengths=256", "--passkey_depths=0,1",
+                         "--passkey_trials=1"],
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert re.search(r"^\s+256\s+8\.0x\s+\d+%\s+\d+%\s+\d+%$", proc.stdout, re.M), proc.stdout
+  result = json.load(open(os.path.join(workdir, "passkey.json")))
+  assert [(r["length"], r["depth"], r["trials"]) for r in result["passkey"]] == [
+      (256, 0.0, 1), (256, 1.0, 1)]
+  assert os.path.getsize(os.path.join(workdir, "passkey.png")) > 1000
+
   for args in (["bipe_jax.evaluate", f"--workdir={workdir}", "--lengths=0"],
+               ["bipe_jax.evaluate", f"--workdir={workdir}", "--task=passkey", "--lengths=64"],
                ["bipe_jax.generate", f"--workdir={workdir}", "--prompt=x", "--stop_ids=99999"],
                ["bipe_jax.train", *cli_args(c), f"--workdir={workdir}",
                 "--config.train.steps=abc"]):

@@ -274,3 +274,26 @@ def test_eval_hf_checkpoint_directly_equals_converted(tmp_path):
   assert [r["nll"] for r in direct["results"]] == pytest.approx(
       [r["nll"] for r in converted["results"]], rel=1e-6)
   assert all(np.isfinite(r["ppl"]) for r in direct["results"])
+
+
+@pytest.mark.parametrize("rpe_type", ["bipe_rope", "bipe_alibi"])
+def test_generate_from_a_release_matches_its_numpy_greedy_decoding(tmp_path, capsys, rpe_type):
+  """bipe-generate --hf_checkpoint: cached decoding of the imported model picks, at
+  every step, the argmax of the release's own forward pass over the whole prefix."""
+  from bipe_jax import decode, generate  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "release"
+  tensors = _write_release(str(src), rpe_type)
+  _llama_like_tokenizer(str(src / "tokenizer.model"), n_pieces=V)
+  prompt = "w300 w301\nw302 . w303 w304"
+  out = generate.generate(None, prompt, 14, decode.Sampling(), stop_at_bos=False, chunk=5,
+                          hf_checkpoint=str(src))
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[0] == "w300 w301" and "decode: 14 tokens" in printed[-1], printed
+  tok, _ = release.load_tokenizer(str(src))
+  seq = [tok.bos_id] + [int(t) for t in tok.encode(prompt)]
+  assert 13 in seq and 869 in seq
+  for got in out.tokens[0]:
+    want = int(np.argmax(_numpy_logits(tensors, rpe_type, np.array([seq]))[0, -1]))
+    assert got == want, (seq, got, want)
+    seq.append(want)
+  assert len(seq) > 2 * TRAIN_SCALE

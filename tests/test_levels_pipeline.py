@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from bipe_jax import config as config_lib
-from bipe_jax import decode, encodings, trainer
+from bipe_jax import decode, encodings, positions, trainer
 from bipe_jax.configs import base
 from bipe_jax.data import levels as data_levels, pipeline
 from bipe_jax.interop import export
@@ -257,10 +257,19 @@ def test_level_table_changes_the_output():
   assert not np.allclose(apply(params, batch), apply(params, shifted))
 
 
-def test_cached_decoding_refuses_more_levels():
-  c = tiny_config(kind="bipe_rope", levels=3)
-  with pytest.raises(ValueError, match="pe.levels=2 only"):
-    decode.PositionRule.from_config(c, types.SimpleNamespace(bos_id=BOS), FINEST)
+def test_cached_decoding_ids_follow_the_level_oracle():
+  """Cached decoding's on-device ids (positions.step_ids, one token at a time)
+  for pe.levels=3 equal the text oracle's, document restarts included."""
+  c = tiny_config(kind="bipe_rope", levels=3, max_intra=4)
+  c.data.packing = "documents"
+  corpus = _corpus(3, n=160)
+  rule = decode.position_rule(c, corpus.tokenizer, corpus.separators)
+  tokens = np.asarray(corpus.train_tokens)[None]
+  assert (tokens == BOS).sum() >= 2
+  ids, _ = positions.row_ids(positions.IdState.start(1, 3), tokens, np.ones_like(tokens, bool),
+                             jax.tree.map(jnp.asarray, rule.tables()), rule)
+  _check({k: np.asarray(v) for k, v in dict(tokens=tokens, **ids).items()},
+         pipeline.level_bounds(c))
 
 
 def test_export_refuses_more_levels():

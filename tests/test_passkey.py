@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from bipe_jax import decode
+from bipe_jax import decode, positions
 from bipe_jax.model import Decoder, ModelConfig
 from bipe_jax.tasks import passkey
 
@@ -85,7 +85,7 @@ def _copy_model(tok, kind, **kw):
 
 
 def _generator(tok, model):
-  rule = decode.PositionRule(np.zeros(tok.vocab_size, bool), None, tok.bos_id, False)
+  rule = positions.PositionRule(np.zeros(tok.vocab_size, bool), None, tok.bos_id, False)
   return decode.Generator(model, rule, pad_id=tok.pad_id)
 
 

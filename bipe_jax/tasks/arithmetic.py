@@ -251,7 +251,7 @@ def evaluate_run(trainer, params, config, corpus, workdir: str, step: int) -> di
   a = config.arithmetic
   print(f"arithmetic accuracy of step {step} of {workdir} (pe.kind={config.pe.kind}, "
         f"trained on 1..{a.train_max_ops} operators, modulo {a.modulus})", flush=True)
-  generator = decode.Generator.for_trainer(trainer, corpus.tokenizer, corpus.is_separator)
+  generator = decode.Generator.for_trainer(trainer, corpus.tokenizer, corpus.separators)
   rows = accuracy(generator, params, corpus.tokenizer, config)
   result = dict(workdir=os.path.abspath(workdir), step=step, pe_kind=config.pe.kind,
                 task="arithmetic", train_length=config.data.seq_len,

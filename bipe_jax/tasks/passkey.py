@@ -162,23 +162,26 @@ def evaluate_run(workdir: str, hf_checkpoint=None, step=None, mesh=None, overrid
   """bipe-eval --task=passkey: the table, <workdir>/passkey.json and passkey.png."""
   import jax  # pylint: disable=g-import-not-at-top
   from bipe_jax import decode, generate  # pylint: disable=g-import-not-at-top
-  config, trainer, params, tok, table = generate.load(workdir, hf_checkpoint, step, mesh,
+  config, trainer, params, tok, seps = generate.load(workdir, hf_checkpoint, step, mesh,
                                                       overrides)
   train_len = int(config.data.seq_len)
   lengths = tuple(lengths) if lengths else tuple(m * train_len for m in DEFAULT_MULTIPLES)
+  scaling = config.pe.rope_scaling
+  stretched = f", rope_scaling {scaling.kind} x{scaling.factor:g}" if scaling.kind != "none" else ""
   print(f"passkey retrieval of {hf_checkpoint or workdir} (pe.kind={config.pe.kind}, trained "
-        f"at {train_len} tokens): lengths {', '.join(map(str, lengths))}", flush=True)
-  gen = decode.Generator.for_trainer(trainer, tok, table)
+        f"at {train_len} tokens{stretched}): lengths {', '.join(map(str, lengths))}", flush=True)
+  gen = decode.Generator.for_trainer(trainer, tok, seps)
   rows = accuracy(gen, params, tok, lengths, depths, trials, digits, seed,
                   int(config.eval.batch_tokens))
   result = dict(workdir=os.path.abspath(workdir), pe_kind=config.pe.kind, task="passkey",
-                train_length=train_len, trials=trials, digits=digits, passkey=rows)
+                train_length=train_len, rope_scaling=scaling.to_dict(), trials=trials,
+                digits=digits, passkey=rows)
   print(format_table(rows, train_len))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "passkey.json"), "w") as f:
       json.dump(result, f, indent=1)
-    plot(rows, train_len, config.pe.kind, os.path.join(workdir, "passkey.png"))
+    plot(rows, train_len, config.pe.kind + stretched, os.path.join(workdir, "passkey.png"))
     print(f"wrote {os.path.join(workdir, 'passkey.json')} and "
           f"{os.path.join(workdir, 'passkey.png')}")
   return result
