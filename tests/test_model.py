@@ -124,71 +124,44 @@ def test_position_parameters_get_gradients(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_chunked_attention_equals_reference(kind, monkeypatch):
+def test_blockwise_and_dense_attention_equal_reference(kind, monkeypatch):
   """The whole decoder with the blockwise kernel (4x4 tiles over 16 tokens, so
-  unmasked, masked and skipped tiles all occur; the tile size comes through the
-  model config) gives the dense reference's logits and parameter gradients,
-  for every encoding kind."""
-  from bipe_jax.attention import chunked
-  blocks_seen = []
-  real_chunked = chunked.attention
-  def spy(*args, **kw):
-    blocks_seen.append((kw.get("block_q"), kw.get("block_k")))
+  unmasked, masked and skipped tiles all occur) and with the saved-probability
+  kernel (as `auto` runs it on CPU for short sequences; rows of 4 queries) gives
+  the dense reference's logits and parameter gradients, for every encoding
+  kind. Tile and row sizes come through the model config (attention.block_q/k)."""
+  from bipe_jax.attention import chunked, dense
+  seen = {"chunked": [], "dense": []}
+  real_chunked, real_dense = chunked.attention, dense.attention
+  def spy_chunked(*args, **kw):
+    seen["chunked"].append((kw.get("block_q"), kw.get("block_k")))
     return real_chunked(*args, **kw)
-  monkeypatch.setattr(chunked, "attention", spy)
-  rng = np.random.default_rng(2)
-  is_sep = np.zeros(V, bool)
-  is_sep[[1, 2]] = True
-  batch = _batch(rng.integers(1, 12, (2, L + 1)), is_sep,
-                 np.array([[0] * (L + 1), [0] * 5 + [1] * (L + 1 - 5)]))
-  out = {}
-  for impl in ("reference", "chunked"):
-    model = Decoder(_cfg(kind, attention_impl=impl, n_heads=4, n_kv_heads=2,
-                         attention_block_q=4, attention_block_k=4))   # from attention.block_q/k
-    params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
-    loss = lambda p: loss_fn(_apply(model, p, batch, True), batch["targets"], batch["loss_mask"])[0]
-    out[impl] = (_apply(model, params, batch, True), jax.grad(loss)(params))
-  assert blocks_seen and set(blocks_seen) == {(4, 4)}, blocks_seen
-  np.testing.assert_allclose(out["chunked"][0], out["reference"][0], atol=2e-5, rtol=2e-5,
-                             err_msg=f"{kind}: logits differ")
-  for path, g in jax.tree_util.tree_leaves_with_path(out["reference"][1]):
-    got = out["chunked"][1]
-    for key in path:
-      got = got[key.key]
-    np.testing.assert_allclose(got, g, atol=2e-5, rtol=1e-4,
-                               err_msg=f"{kind}: gradient of {jax.tree_util.keystr(path)} differs")
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_dense_attention_equals_reference(kind, monkeypatch):
-  """The whole decoder with the saved-probability kernel (as `auto` runs it on
-  CPU for short sequences; rows of 4 queries, from attention.block_q) gives the
-  dense reference's logits and parameter gradients for every encoding kind."""
-  from bipe_jax.attention import dense
-  rows_seen = []
-  real_dense = dense.attention
-  def spy(*args, **kw):
-    rows_seen.append(kw.get("row_block"))
+  def spy_dense(*args, **kw):
+    seen["dense"].append(kw.get("row_block"))
     return real_dense(*args, **kw)
-  monkeypatch.setattr(dense, "attention", spy)
+  monkeypatch.setattr(chunked, "attention", spy_chunked)
+  monkeypatch.setattr(dense, "attention", spy_dense)
   rng = np.random.default_rng(2)
   is_sep = np.zeros(V, bool)
   is_sep[[1, 2]] = True
   batch = _batch(rng.integers(1, 12, (2, L + 1)), is_sep,
                  np.array([[0] * (L + 1), [0] * 5 + [1] * (L + 1 - 5)]))
   out = {}
-  for impl in ("reference", "dense"):
+  for impl in ("reference", "chunked", "dense"):
     model = Decoder(_cfg(kind, attention_impl=impl, n_heads=4, n_kv_heads=2,
-                         attention_block_q=4))
+                         attention_block_q=4, attention_block_k=4))
     params = nn.meta.unbox(model.init(jax.random.key(0), batch)["params"])
     loss = lambda p: loss_fn(_apply(model, p, batch, True), batch["targets"], batch["loss_mask"])[0]
     out[impl] = (_apply(model, params, batch, True), jax.grad(loss)(params))
-  assert rows_seen and set(rows_seen) == {4}, rows_seen
-  np.testing.assert_allclose(out["dense"][0], out["reference"][0], atol=2e-5, rtol=2e-5,
-                             err_msg=f"{kind}: logits differ")
-  for path, g in jax.tree_util.tree_leaves_with_path(out["reference"][1]):
-    np.testing.assert_allclose(_at(out["dense"][1], path), g, atol=2e-5, rtol=1e-4,
-                               err_msg=f"{kind}: gradient of {jax.tree_util.keystr(path)} differs")
+  assert seen["chunked"] and set(seen["chunked"]) == {(4, 4)}, seen
+  assert seen["dense"] and set(seen["dense"]) == {4}, seen
+  for impl in ("chunked", "dense"):
+    np.testing.assert_allclose(out[impl][0], out["reference"][0], atol=2e-5, rtol=2e-5,
+                               err_msg=f"{kind}, {impl}: logits differ")
+    for path, g in jax.tree_util.tree_leaves_with_path(out["reference"][1]):
+      np.testing.assert_allclose(_at(out[impl][1], path), g, atol=2e-5, rtol=1e-4,
+                                 err_msg=f"{kind}, {impl}: gradient of "
+                                 f"{jax.tree_util.keystr(path)} differs")
 
 
 def _at(tree, path):
