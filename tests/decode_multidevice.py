@@ -3,7 +3,7 @@
     python tests/decode_multidevice.py OUT.json
 
 Run by tests/test_decode.py in a process of its own (the suite keeps 1 device).
-For a few kinds, writes the largest difference between the cached logits on
+For every kind, writes the largest difference between the cached logits on
 the mesh and the full forward pass on one device (and the largest logit), and
 the per-device shapes of a sharded parameter and of the KV cache.
 """
@@ -23,12 +23,12 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from bipe_jax import decode, sharding
+from bipe_jax import decode, encodings, sharding
 from bipe_jax.configs import base
 from bipe_jax.model import Decoder, ModelConfig
 import test_decode as T
 
-KINDS = ("bipe_rope", "bipe_alibi", "bipe_fire")
+KINDS = tuple(sorted(encodings.KINDS))   # every kind in the registry
 
 
 def main(out_path):
