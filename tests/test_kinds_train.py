@@ -3,17 +3,13 @@
 Tiny shapes, and one compiled function per kind (init and all steps in one
 `lax.scan`), so the 13 kinds stay cheap.
 """
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from bipe_jax import encodings, trainer
 from bipe_jax.data import pipeline
-from bipe_jax.model import Decoder, ModelConfig, loss_fn
-from tiny import tiny_config
+from bipe_jax.model import Decoder, ModelConfig
+from tiny import tiny_config, train_losses
 
 V, L, B, STEPS = 32, 16, 8, 60
 SEP = 1
@@ -55,22 +51,7 @@ def _losses(kind) -> np.ndarray:
   model = Decoder(ModelConfig.from_config(config, V))
   tx = trainer.make_optimizer(config.train)
 
-  def run(key, batches):
-    first = jax.tree.map(lambda x: x[0], batches)
-    params = nn.meta.unbox(model.init(key, first)["params"])
-
-    def step(carry, xs):
-      params, opt_state = carry
-      batch, i = xs
-      def loss(p):
-        logits = model.apply({"params": p}, batch, train=True,
-                             rngs={"positions": jax.random.fold_in(key, i)})
-        return loss_fn(logits, batch["targets"], batch["loss_mask"])[0]
-      value, grads = jax.value_and_grad(loss)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), value
-    return jax.lax.scan(step, (params, tx.init(params)), (batches, jnp.arange(STEPS)))[1]
-  return np.asarray(jax.jit(run)(jax.random.key(0), _toy_batches()))
+  return train_losses(model, tx, _toy_batches(), STEPS)
 
 
 @pytest.mark.parametrize("kind", sorted(encodings.KINDS))

@@ -11,7 +11,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from bipe_jax import config as config_lib
@@ -19,10 +18,10 @@ from bipe_jax import decode, encodings, positions, trainer
 from bipe_jax.configs import base
 from bipe_jax.data import levels as data_levels, pipeline
 from bipe_jax.interop import export
-from bipe_jax.model import Decoder, ModelConfig, loss_fn
+from bipe_jax.model import Decoder, ModelConfig
 from bipe_jax.positions import LevelSeparators, bilevel_ids
 from test_levels import FINEST, TEXTS, oracle_class, oracle_ids
-from tiny import tiny_config
+from tiny import tiny_config, train_losses
 
 BOS = 0
 
@@ -189,22 +188,9 @@ def _losses(kind, batches) -> np.ndarray:
   model = Decoder(ModelConfig.from_config(c, V))
   tx = trainer.make_optimizer(c.train)
 
-  def run(key, batches):
-    params = nn.meta.unbox(model.init(key, jax.tree.map(lambda x: x[0], batches))["params"])
+  def check(params):
     assert params["intra"]["level_1"].shape == (8, 32)
-
-    def step(carry, xs):
-      params, opt_state = carry
-      batch, i = xs
-      def loss(p):
-        logits = model.apply({"params": p}, batch, train=True,
-                             rngs={"positions": jax.random.fold_in(key, i)})
-        return loss_fn(logits, batch["targets"], batch["loss_mask"])[0]
-      value, grads = jax.value_and_grad(loss)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), value
-    return jax.lax.scan(step, (params, tx.init(params)), (batches, jnp.arange(STEPS)))[1]
-  return np.asarray(jax.jit(run)(jax.random.key(0), batches))
+  return train_losses(model, tx, batches, STEPS, check)
 
 
 BILEVEL_KINDS = sorted(k for k, e in encodings.KINDS.items() if e.bilevel)

@@ -40,3 +40,34 @@ def cli_args(config) -> list[str]:
     if v != base[k] and not isinstance(v, (tuple, list)):
       args.append(f"--config.{k}={v}")
   return args
+
+
+def train_losses(model, tx, batches, steps: int, check_params=None):
+  """Losses of `steps` jitted optimizer steps over stacked batches [steps, ...].
+
+  `check_params(params)` (optional) sees the initial parameters.
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from bipe_jax.model import loss_fn
+
+  def run(key, batches):
+    params = nn.meta.unbox(model.init(key, jax.tree.map(lambda x: x[0], batches))["params"])
+    if check_params is not None:
+      check_params(params)
+
+    def step(carry, xs):
+      params, opt_state = carry
+      batch, i = xs
+      def loss(p):
+        logits = model.apply({"params": p}, batch, train=True,
+                             rngs={"positions": jax.random.fold_in(key, i)})
+        return loss_fn(logits, batch["targets"], batch["loss_mask"])[0]
+      value, grads = jax.value_and_grad(loss)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), value
+    return jax.lax.scan(step, (params, tx.init(params)), (batches, jnp.arange(steps)))[1]
+  return np.asarray(jax.jit(run)(jax.random.key(0), batches))
