@@ -47,7 +47,11 @@ def _model(kind, impl="reference", **kw):
   levels = np.zeros((1, max(cfg.levels - 2, 0), 8), np.int32)
   params = model.init(jax.random.key(0), dict(tokens=z, intra=z, inter=z, positions=z,
                                               doc_ids=z, levels=levels))["params"]
-  return model, nn.meta.unbox(params)
+  params = nn.meta.unbox(params)
+  for j in range(1, cfg.levels - 1):  # level tables start at zero; give them values to check
+    table = params["intra"][f"level_{j}"]
+    params["intra"][f"level_{j}"] = kw["init_std"] * jax.random.normal(jax.random.key(j), table.shape)
+  return model, params
 
 
 def full_ids(seq_BT, restart=True):

@@ -221,7 +221,8 @@ def test_inner_level_tables_are_summed_into_the_embedding():
     var = nn.meta.unbox(mod.init(jax.random.key(1), batch))
     level1 = np.minimum(batch["levels"][:, 0], 1)
     if intra == "learned":
-      p = var["params"]
+      p = var["params"] = dict(var["params"])
+      p["level_1"] = jax.random.normal(jax.random.key(2), p["level_1"].shape)  # starts at zero
       want = np.asarray(p["table"])[batch["intra"]] + np.asarray(p["level_1"])[level1]
     else:
       assert not var
@@ -237,10 +238,28 @@ def test_level_table_changes_the_output():
   batches = _toy_batches()
   batch = jax.tree.map(lambda x: x[0], batches)
   model = Decoder(ModelConfig.from_config(_small_config("bipe_alibi"), V))
-  params = model.init(jax.random.key(0), batch)
+  params = nn.meta.unbox(model.init(jax.random.key(0), batch))
+  intra = params["params"]["intra"]
+  intra["level_1"] = jax.random.normal(jax.random.key(1), intra["level_1"].shape)  # starts at zero
   shifted = {**batch, "levels": (batch["levels"] + 1) % 8}
   apply = jax.jit(model.apply)
   assert not np.allclose(apply(params, batch), apply(params, shifted))
+
+
+@pytest.mark.parametrize("kind", ["bipe_rope", "bipe_alibi"])
+def test_three_levels_start_as_two(kind):
+  """The inner level tables start at zero: at initialisation a three-level
+  model (same key) gives the two-level model's logits, whatever its level ids."""
+  batch = jax.tree.map(lambda x: x[0], _toy_batches())
+  assert (batch["levels"] > 0).any()
+  c3 = _small_config(kind)
+  c2 = _small_config(kind)
+  c2.pe.levels, c2.pe.max_level_ids = 2, ()
+  two, three = (Decoder(ModelConfig.from_config(c, V)) for c in (c2, c3))
+  flat = {k: v for k, v in batch.items() if k != "levels"}
+  got = three.apply(three.init(jax.random.key(0), batch), batch)
+  want = two.apply(two.init(jax.random.key(0), flat), flat)
+  np.testing.assert_array_equal(got, want)
 
 
 def test_cached_decoding_ids_follow_the_level_oracle():

@@ -19,10 +19,12 @@ def sinusoidal(pos_BL, d_model: int):
   return pairs.reshape(*pos_BL.shape, -1)[..., :d_model]
 
 
-def lookup(module, ids_BL, size: int, padding_row: bool, name: str = "table"):
-  """Rows of `module`'s learned table `name` [size, D] (normal(init_std)); ids
-  clip to the last row. With `padding_row` that row is zero and gets no gradient."""
-  init = nn.initializers.normal(module.init_std)
+def lookup(module, ids_BL, size: int, padding_row: bool, name: str = "table",
+           zero_init: bool = False):
+  """Rows of `module`'s learned table `name` [size, D] (normal(init_std), or
+  zeros with `zero_init`); ids clip to the last row. With `padding_row` that
+  row is zero and gets no gradient."""
+  init = nn.initializers.zeros if zero_init else nn.initializers.normal(module.init_std)
   if padding_row:
     base_init = init
     init = lambda key, shape, dtype: base_init(key, shape, dtype).at[-1].set(0)
@@ -118,15 +120,19 @@ class IntraParams(P.Params):
 @dataclasses.dataclass(frozen=True)
 class Intra(InputTerm):
   """Tables over `intra` and the ids of batch["levels"] (levels 1..K-2),
-  summed; learned (normal 0.02) or sinusoidal per pe.intra. The intra table is
-  named "table" (as in two-level checkpoints), level j's "level_<j>"."""
+  summed; learned or sinusoidal per pe.intra. The intra table is named
+  "table" (as in two-level checkpoints) and starts normal(init_std), level j's
+  "level_<j>" starts at zero: a few of its rows are shared by most tokens
+  (the first line of every block), and random rows there add one common
+  vector to most token embeddings, which slowed early training in
+  RESULTS.md's probe; from zero, K levels start as exactly two."""
   params_cls = IntraParams
 
   def embed(self, module, batch, p):
     ids = [batch["intra"]] + [batch["levels"][:, j] for j in range(p.levels - 2)]
     terms = [sinusoidal(ids_BL, module.d_model) if p.intra == "sinusoidal" else
              lookup(module, ids_BL, size, p.release_padding_row and j == 0,
-                    "table" if j == 0 else f"level_{j}")
+                    "table" if j == 0 else f"level_{j}", zero_init=j > 0)
              for j, (ids_BL, size) in enumerate(zip(ids, p.inner_sizes))]
     out_BLD = terms[0]
     for term_BLD in terms[1:]:
