@@ -153,8 +153,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   if config.pe.levels > 2 and config.data.source == "arithmetic":
-    raise ConfigError(f"pe.levels={config.pe.levels} with data.source='arithmetic': its "
-                      "accuracy decodes with two levels only; use pe.levels=2")
+    raise ConfigError(f"pe.levels={config.pe.levels} with data.source='arithmetic': an "
+                      "expression's steps are its only units (no blank lines), so a third "
+                      "level never ends; use pe.levels=2")
   if not 0.0 <= config.data.heldout_fraction < 1.0:
     raise ConfigError(f"data.heldout_fraction={config.data.heldout_fraction} must be in [0, 1)")
   lengths = tuple(config.eval.lengths)

@@ -139,7 +139,7 @@ def test_level_without_separators_is_named(tmp_path):
     ({"pe.levels": 3, "segmentation.level_separator_ids": "a;b"}, "comma-separated"),
     ({"pe.levels": 3, "segmentation.level_separator_ids": "1;2",
       "segmentation.separator_ids": (3,)}, "not both"),
-    ({"pe.levels": 3, "data.source": "arithmetic"}, "two levels only"),
+    ({"pe.levels": 3, "data.source": "arithmetic"}, "a third level never ends"),
 ])
 def test_config_errors_name_the_key(change, message):
   c = tiny_config()
