@@ -122,7 +122,6 @@ def measure(args) -> dict:
   return dict(config=os.path.basename(args.config), overrides=args.set, batch=args.batch,
               seq_len=n, loss=loss, first_call_s=first, best_s=min(times),
               tokens_per_s=args.batch * n / min(times), faults_last_step=faults[-1],
-              faults_per_step=faults, step_s=times,
               peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
               load_avg=os.getloadavg()[0], pe_kind=c.pe.kind, params_m=n_params / 1e6,
               model_tflop=model_flops(state.params, c, args.batch * n) / 1e12,
