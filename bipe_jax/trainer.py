@@ -16,6 +16,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bipe_jax import sharding
+from bipe_jax.global_norm import clip_by_global_norm, global_norm
 from bipe_jax.model import Decoder, ModelConfig, loss_fn
 
 
@@ -42,7 +43,7 @@ def make_optimizer(t) -> optax.GradientTransformation:
   # Decay matrices only (not norms), as the release's Trainer does.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(
-      optax.clip_by_global_norm(t.clip_norm),
+      clip_by_global_norm(t.clip_norm),
       optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                   mask=decay_mask))
 
@@ -159,8 +160,8 @@ class Trainer:
       loss, count, grads = self._accumulate(state.params, batch, rng)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+    grad_norm = global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(global_norm(params))
     if self.config.train.on_nonfinite == "skip":
       # Keep the old params and moments; only the step counter moves on.
       params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
