@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from bipe_jax import windowed
 from bipe_jax.attention import tiling
 
 ROW_BLOCK = 256
@@ -79,7 +80,9 @@ def _probs(static, q, k, qd, kd, leaves, q_off, start, end, keys):
   causal = (jnp.arange(start, end) + q_off)[:, None] >= jnp.arange(keys)[None, :]
   visible = causal[None] & (qd[:, start:end, None] == kd[:, None, :keys])
   s = jnp.where(visible[:, None, None], s, tiling.NEG_INF)
-  return jax.nn.softmax(s, axis=-1)
+  # jax.nn.softmax's arithmetic, with the row max and sum in windows (bipe_jax/windowed.py).
+  e = jnp.exp(s - windowed.reduce_last_axis(s, jnp.max, keepdims=True))
+  return e / windowed.reduce_last_axis(e, jnp.sum, keepdims=True)
 
 
 def _forward(static, q, k, v, qd, kd, leaves, q_off):

@@ -1,10 +1,11 @@
-"""The windowed global norm and clipping against numpy and optax."""
+"""Windowed reductions, the global norm and clipping against numpy and optax."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from bipe_jax import windowed
 from bipe_jax.global_norm import clip_by_global_norm, global_norm, sum_of_squares
 
 SHAPES = [(), (1,), (7,), (8,), (9,), (64,), (3, 1000), (5, 9, 13), (1000, 3), (4097,)]
@@ -14,6 +15,25 @@ def _tree(seed: int, scale: float = 1.0) -> dict:
   rng = np.random.default_rng(seed)
   return {f"x{i}": jnp.asarray(scale * rng.standard_normal(s), jnp.float32)
           for i, s in enumerate(SHAPES)}
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 64, 65, 1000, 1024])
+def test_reduce_last_axis_matches_numpy(n):
+  x = np.random.default_rng(n).standard_normal((3, 2, n)).astype(np.float32)
+  x[0, 1, -1] = 50.0     # the max sits in the last (padded) window
+  for op, ref in ((jnp.sum, np.sum), (jnp.max, np.max)):
+    for keepdims in (False, True):
+      got = jax.jit(lambda y: windowed.reduce_last_axis(y, op, keepdims=keepdims))(x)
+      want = ref(x.astype(np.float64), axis=-1, keepdims=keepdims)
+      assert got.shape == want.shape
+      np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-5)
+
+
+def test_reduce_last_axis_all_negative_rows_and_bad_op():
+  x = -np.arange(1, 21, dtype=np.float32).reshape(2, 10) - 1e30
+  np.testing.assert_array_equal(np.asarray(windowed.reduce_last_axis(x, jnp.max)), x.max(-1))
+  with pytest.raises(ValueError, match="jnp.sum or jnp.max"):
+    windowed.reduce_last_axis(x, jnp.mean)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
