@@ -77,28 +77,36 @@ def model_flops(params: dict, c, tokens: int) -> float:
   return 6 * n * tokens + 12 * m.n_layers * m.d_model * c.data.seq_len * tokens
 
 
+def trainer_and_batch(path: str, overrides: list[str], batch_size: int, seq_len: int):
+  """(trainer, initial state, global batch) of the config: random tokens, a separator ~every 13."""
+  import jax
+  import numpy as np
+  from bipe_jax import positions
+  from bipe_jax.trainer import Trainer
+  c = _config(path, overrides, batch_size, seq_len)
+  trainer = Trainer(c, vocab_size=c.tokenizer.vocab_size)
+  state = trainer.init(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, c.tokenizer.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+  sep = rng.random(tokens.shape) < 1.0 / 13
+  intra, inter = positions.bilevel_ids(tokens[:, :-1], sep[:, :-1], max_intra=c.pe.max_intra,
+                                       per_token=True)
+  batch = trainer.global_batch(dict(
+      tokens=tokens[:, :-1], targets=tokens[:, 1:], intra=intra, inter=inter,
+      positions=np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1)),
+      doc_ids=np.zeros((batch_size, seq_len), np.int32),
+      loss_mask=np.ones((batch_size, seq_len), np.float32)))
+  return trainer, state, batch
+
+
 def measure(args) -> dict:
   sys.path.insert(0, REPO)
   from bipe_jax import hostmem
   if args.malloc == "retain":
     hostmem.retain_freed_memory()   # as bipe-train does, before JAX starts
   import jax
-  import numpy as np
-  from bipe_jax import positions
-  from bipe_jax.trainer import Trainer
-  c = _config(args.config, args.set, args.batch, args.seq_len)
-  trainer = Trainer(c, vocab_size=c.tokenizer.vocab_size)
-  state = trainer.init(jax.random.key(0))
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, c.tokenizer.vocab_size, (args.batch, args.seq_len + 1), dtype=np.int32)
-  sep = rng.random(tokens.shape) < 1.0 / 13
-  intra, inter = positions.bilevel_ids(tokens[:, :-1], sep[:, :-1], max_intra=c.pe.max_intra,
-                                       per_token=True)
-  n = args.seq_len
-  batch = trainer.global_batch(dict(
-      tokens=tokens[:, :-1], targets=tokens[:, 1:], intra=intra, inter=inter,
-      positions=np.tile(np.arange(n, dtype=np.int32), (args.batch, 1)),
-      doc_ids=np.zeros((args.batch, n), np.int32), loss_mask=np.ones((args.batch, n), np.float32)))
+  trainer, state, batch = trainer_and_batch(args.config, args.set, args.batch, args.seq_len)
+  c, n = trainer.config, args.seq_len
   key = jax.random.key(1)
   t0 = time.perf_counter()
   state, m = trainer.step(state, batch, key)

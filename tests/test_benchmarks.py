@@ -1,6 +1,7 @@
-"""benchmarks/gpu.sh checks its steps without a GPU (--dry-run) and fails loudly."""
+"""benchmarks/gpu.sh checks its steps without a GPU (--dry-run) and fails loudly; the CPU scripts run."""
 import os
 import subprocess
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu.sh")
@@ -56,3 +57,17 @@ def test_train_step_model_flops_count_non_embedding_parameters_and_attention():
   tokens = 3 * seq
   want = 6 * non_embedding * tokens + 12 * layers * d * seq * tokens
   assert train_step.model_flops(params, c, tokens) == want
+
+
+def test_step_ab_runs_both_variants_and_plain_reductions_give_the_same_loss():
+  """The in-process A/B script on a tiny model: A with plain reductions, B as the code is.
+  Windowed and plain reductions are the same arithmetic up to summation order."""
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "step_ab.py"),
+                         "--quick", "--a_plain_reductions"],
+                        capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = proc.stdout
+  losses = [float(line.rsplit("loss ", 1)[1]) for line in out.splitlines()
+            if "compile+first step" in line]
+  assert len(losses) == 2 and abs(losses[0] - losses[1]) < 1e-4, out
+  assert "+ plain reductions" in out and "step   2" in out and "median step time A / B" in out
