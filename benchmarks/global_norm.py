@@ -37,7 +37,7 @@ def main(argv=None) -> None:
   import jax
   import numpy as np
   import optax
-  from bipe_jax import config as config_lib
+  from bipe_jax import config as config_lib, windowed
   from bipe_jax.global_norm import global_norm
   from bipe_jax.trainer import Trainer
 
@@ -49,7 +49,6 @@ def main(argv=None) -> None:
                                       for k, x in zip(keys, leaves)])
   n = sum(x.size for x in leaves)
   exact = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
-  from bipe_jax import windowed
   widths = [int(w) for w in args.windows.split(",")]
 
   def with_window(w):

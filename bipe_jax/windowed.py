@@ -2,13 +2,13 @@
 
 XLA:CPU rewrites every reduction longer than 32 into a tree of 32-wide
 `reduce-window` ops (for accuracy), which runs far under memory speed on a
-2-core x86 CPU: a sum of squares over a [768, 32000] array took 58 ms
-(1.7 GB/s). Reducing 8 at a time along the last axis, each level kept apart
-by an optimization barrier so the compiler cannot merge the levels back into
-one long reduction, took 3-5 ms, with a pairwise-like summation order
-(`python benchmarks/global_norm.py` for a whole parameter tree; the softmax
-of the dense attention kernel uses it for its row maxima and sums). Other
-backends reduce well as they are and get the plain reduction.
+2-core x86 CPU. Reducing 8 at a time along the last axis, each level kept
+apart by an optimization barrier so the compiler cannot merge the levels
+back into one long reduction, reads at memory speed with a pairwise-like
+summation order: the sum of squares of the 151M model's parameters took
+20.4 ms against optax's 260.8 ms (`python benchmarks/global_norm.py`). The
+global norm and the dense attention kernel's softmax (row maxima and sums)
+use it. Other backends reduce well as they are and get the plain reduction.
 """
 from __future__ import annotations
 
