@@ -6,12 +6,15 @@ both variants run in the same process, one step each in turn, so both see
 the same conditions. Variant A and B are the config file with their own
 `--a_set` / `--b_set` overrides; `--a_plain_reductions` builds A with plain
 last-axis reductions instead of bipe_jax.windowed's (the global norm and the
-dense kernel's softmax as they were before). Prints every pair of steps and
-each variant's best and median (the order alternates AB, BA, ...).
+dense kernel's softmax as they were before); `--a_xla` / `--b_xla` compile
+a variant with XLA compiler options (debug options such as
+xla_cpu_scheduler_type, for this compile only). Prints every pair of steps
+and each variant's best and median (the order alternates AB, BA, ...).
 
   python benchmarks/step_ab.py --a_plain_reductions --steps 12
   python benchmarks/step_ab.py --a_set attention.impl=chunked --steps 12
   python benchmarks/step_ab.py --kind bipe_alibi --a_set attention.block_k=256
+  python benchmarks/step_ab.py --b_xla xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED
   python benchmarks/step_ab.py --quick --a_plain_reductions      # checks the script
 """
 from __future__ import annotations
@@ -41,20 +44,37 @@ def plain_reductions():
     windowed.reduce_last_axis = kept
 
 
+def _options(ap, pairs: list[str]) -> dict:
+  """OPTION=VALUE strings -> XLA compiler options; true/false become booleans."""
+  out = {}
+  for pair in pairs:
+    key, sep, value = pair.partition("=")
+    if not sep or not key.startswith("xla_"):
+      ap.error(f"XLA option {pair!r}: write it as xla_NAME=VALUE, e.g. "
+               "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED")
+    out[key] = {"true": True, "false": False}.get(value.lower(), value)
+  return out
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--kind", default="bipe_rope", choices=KINDS, help="configs/KIND_151m.py")
   ap.add_argument("--a_set", nargs="*", default=[], metavar="KEY=VALUE")
   ap.add_argument("--b_set", nargs="*", default=[], metavar="KEY=VALUE")
   ap.add_argument("--a_plain_reductions", action="store_true")
+  ap.add_argument("--a_xla", nargs="*", default=[], metavar="OPTION=VALUE",
+                  help="XLA compiler options for A's compile (true/false for booleans)")
+  ap.add_argument("--b_xla", nargs="*", default=[], metavar="OPTION=VALUE")
   ap.add_argument("--steps", type=int, default=12, help="timed steps per variant")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--seq_len", type=int, default=1024)
   ap.add_argument("--quick", action="store_true",
                   help="a tiny model, 128 tokens, 2 steps: checks the script only")
   args = ap.parse_args(argv)
-  if not args.a_set and not args.b_set and not args.a_plain_reductions:
-    ap.error("A and B are the same step: give --a_set, --b_set or --a_plain_reductions")
+  if not (args.a_set or args.b_set or args.a_plain_reductions or args.a_xla or args.b_xla):
+    ap.error("A and B are the same step: give --a_set, --b_set, --a_xla, --b_xla or "
+             "--a_plain_reductions")
+  options = {"A": _options(ap, args.a_xla), "B": _options(ap, args.b_xla)}
   if args.quick:
     args.a_set, args.b_set = QUICK_SET + args.a_set, QUICK_SET + args.b_set
     args.seq_len, args.steps = 128, 2
@@ -70,16 +90,20 @@ def main(argv=None) -> None:
     with plain_reductions() if plain else contextlib.nullcontext():
       trainer, state, batch = trainer_and_batch(config, overrides, args.batch, args.seq_len)
       t0 = time.perf_counter()
-      state, m = trainer.step(state, batch, jax.random.key(1))   # compiles while patched
+      # Compiles while patched.
+      step = trainer.compiled_step(state, batch, jax.random.key(1), options[name] or None)
+      state, m = step(state, batch, jax.random.key(1))
+      xla = " ".join(f"{k}={v}" for k, v in options[name].items())
       print(f"{name}: {' '.join(overrides) or '(config as is)'}"
-            f"{' + plain reductions' if plain else ''}; compile+first step "
-            f"{time.perf_counter() - t0:.1f} s, loss {float(m['loss']):.4f}", flush=True)
-    runs[name] = [trainer, state, batch, []]
+            f"{' + plain reductions' if plain else ''}{' + XLA ' + xla if xla else ''}; "
+            f"compile+first step {time.perf_counter() - t0:.1f} s, loss {float(m['loss']):.4f}",
+            flush=True)
+    runs[name] = [step, state, batch, []]
   for i in range(args.steps):
     for name in ("AB" if i % 2 == 0 else "BA"):
-      trainer, state, batch, times = runs[name]
+      step, state, batch, times = runs[name]
       t0 = time.perf_counter()
-      state, m = trainer.step(state, batch, jax.random.key(1))
+      state, m = step(state, batch, jax.random.key(1))
       jax.block_until_ready(m["loss"])
       times.append(time.perf_counter() - t0)
       runs[name][1] = state

@@ -146,6 +146,20 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return self._step_jit(state, batch, key)
 
+  def compiled_step(self, state: TrainState, batch: dict, key, compiler_options=None):
+    """`step` compiled ahead of time for these shapes, with XLA `compiler_options` if given.
+
+    Returns a function of (state, batch, key) like `step`; benchmarks use it to
+    compare compiler options within one process.
+    """
+    with jax.set_mesh(self.mesh):
+      compiled = self._step_jit.lower(state, batch, key).compile(compiler_options=compiler_options)
+
+    def run(state, batch, key):
+      with jax.set_mesh(self.mesh):
+        return compiled(state, batch, key)
+    return run
+
   def _grads(self, params, batch, rng):
     def loss_of(p):
       logits = self.model.apply({"params": p}, batch, train=True, rngs={"positions": rng})

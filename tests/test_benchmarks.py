@@ -60,10 +60,12 @@ def test_train_step_model_flops_count_non_embedding_parameters_and_attention():
 
 
 def test_step_ab_runs_both_variants_and_plain_reductions_give_the_same_loss():
-  """The in-process A/B script on a tiny model: A with plain reductions, B as the code is.
-  Windowed and plain reductions are the same arithmetic up to summation order."""
+  """The in-process A/B script on a tiny model: A with plain reductions, B as the code is
+  but compiled with XLA's memory-optimized scheduler. Windowed and plain reductions are
+  the same arithmetic up to summation order; the scheduler only orders the ops."""
   proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "step_ab.py"),
-                         "--quick", "--a_plain_reductions"],
+                         "--quick", "--a_plain_reductions", "--b_xla",
+                         "xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"],
                         capture_output=True, text=True, timeout=600, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-2000:]
   out = proc.stdout
@@ -71,3 +73,12 @@ def test_step_ab_runs_both_variants_and_plain_reductions_give_the_same_loss():
             if "compile+first step" in line]
   assert len(losses) == 2 and abs(losses[0] - losses[1]) < 1e-4, out
   assert "+ plain reductions" in out and "step   2" in out and "median step time A / B" in out
+  assert "+ XLA xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED" in out
+
+
+def test_step_ab_names_a_malformed_xla_option():
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "step_ab.py"),
+                         "--quick", "--b_xla", "scheduler=memory"],
+                        capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert proc.returncode == 2 and "'scheduler=memory'" in proc.stderr, proc.stderr
+  assert "xla_NAME=VALUE" in proc.stderr
