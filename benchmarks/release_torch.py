@@ -165,9 +165,8 @@ def measure(kind: str, length: int, repeats: int) -> dict:
   return _result(kind, length, "release eval (torch eager)", loss, first, best, length)
 
 
-def measure_train(kind: str, length: int, batch: int, repeats: int,
-                  dims: dict | None = None) -> dict:
-  """One training step: forward, backward, AdamW (lr 1e-4, wd 0.01) on [batch, length]."""
+def train_step(kind: str, length: int, batch: int, dims: dict | None = None):
+  """A function that runs one training step (forward, backward, clipping, AdamW); returns the loss."""
   model, tokens = _model_and_tokens(kind, length, batch, dims)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
@@ -179,8 +178,13 @@ def measure_train(kind: str, length: int, batch: int, repeats: int,
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return loss.detach()
+  return step
 
-  loss, first, best = _timed(step, repeats)
+
+def measure_train(kind: str, length: int, batch: int, repeats: int,
+                  dims: dict | None = None) -> dict:
+  """One training step: forward, backward, AdamW (lr 1e-4, wd 0.01) on [batch, length]."""
+  loss, first, best = _timed(train_step(kind, length, batch, dims), repeats)
   return _result(kind, length, "release train (torch eager)", loss, first, best, batch * length)
 
 

@@ -1,7 +1,10 @@
 """benchmarks/gpu.sh checks its steps without a GPU (--dry-run) and fails loudly; the CPU scripts run."""
+import math
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu.sh")
@@ -82,3 +85,17 @@ def test_step_ab_names_a_malformed_xla_option():
                         capture_output=True, text=True, timeout=120, cwd=REPO)
   assert proc.returncode == 2 and "'scheduler=memory'" in proc.stderr, proc.stderr
   assert "xla_NAME=VALUE" in proc.stderr
+
+
+def test_paired_runs_both_steps_in_one_process():
+  """benchmarks/paired.py on a tiny model: ours and the release's step alternate, each pair
+  gives a ratio, and both start from the loss of uniform predictions (random init)."""
+  pytest.importorskip("torch")
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "paired.py"), "--quick"],
+                        capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  out = proc.stdout
+  first = next(line for line in out.splitlines() if "first steps" in line)
+  ours, release = (float(x.split()[-1].rstrip(",")) for x in first.split("loss ")[1].split(", "))
+  assert abs(ours - math.log(32000)) < 0.1 and abs(release - math.log(32000)) < 0.1, first
+  assert "pair   2" in out and "tokens/s ours / release per pair" in out
