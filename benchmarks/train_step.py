@@ -19,6 +19,7 @@ own peak memory).
   python benchmarks/train_step.py --quick --baseline --kinds bipe_rope,alibi   # checks the script
   python benchmarks/train_step.py --profile /tmp/trace       # + the costliest XLA ops of one step
   python benchmarks/train_step.py --malloc default           # glibc's malloc as it comes
+  python benchmarks/train_step.py --baseline --baseline_malloc retain   # the release with our malloc settings
 
 "faults" is the most minor page faults of any timed step (host memory the
 step touched for the first time; about 700,000 when malloc had to extend the
@@ -192,6 +193,9 @@ def _parse(argv):
   ap.add_argument("--malloc", default="retain", choices=["retain", "default"],
                   help="retain: keep freed host memory as bipe-train does (bipe_jax.hostmem); "
                        "default: glibc's own behaviour")
+  ap.add_argument("--baseline_malloc", default="default", choices=["default", "retain"],
+                  help="the release's process: glibc's own malloc (as its users run it), or "
+                       "retain: the same malloc settings as ours (GLIBC_TUNABLES)")
   ap.add_argument("--profile", metavar="DIR",
                   help="trace one more step into DIR (jax.profiler) and print the costliest ops "
                        "(single kind; stderr)")
@@ -218,6 +222,11 @@ def main(argv=None):
     return
   env = dict(os.environ, XLA_FLAGS=" ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
                                                           args.xla_flags])))
+  base_env = env
+  if args.baseline_malloc == "retain":
+    sys.path.insert(0, REPO)
+    from bipe_jax import hostmem
+    base_env = dict(env, GLIBC_TUNABLES=hostmem.GLIBC_TUNABLES)
   peak = f"{args.peak_tflops} TFLOP/s" if args.peak_tflops else "the measured float32 matmul rate"
   print(f"XLA_FLAGS={env['XLA_FLAGS']!r}; {os.cpu_count()} CPUs; batch {args.batch} x "
         f"{args.seq_len} tokens; MFU against {peak}", flush=True)
@@ -245,7 +254,7 @@ def main(argv=None):
         base = _run([sys.executable, os.path.join(HERE, "release_torch.py"), "--train",
                      "--kind", kind, "--length", str(args.seq_len), "--batch", str(args.batch),
                      "--repeats", str(args.steps)] + (["--dims", QUICK_DIMS] if args.quick else []),
-                    env)
+                    base_env)
         print(_row(f"{rnd} release {kind} (torch)", base), flush=True)
         ratio = r["tokens_per_s"] / base["tokens_per_s"]
         ratios.setdefault(kind, []).append(ratio)

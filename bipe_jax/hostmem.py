@@ -25,6 +25,11 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
 
+# The same settings for a process started from outside (glibc tunables, read at
+# start-up): what `retain_freed_memory()` sets, for programs that do not call it.
+GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296:glibc.malloc.arena_max=1"
+
+
 def retain_freed_memory() -> bool:
   """Sets glibc's malloc to keep freed memory; False where there is no glibc."""
   if not sys.platform.startswith("linux"):
