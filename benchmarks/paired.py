@@ -20,8 +20,7 @@ import statistics
 import sys
 import time
 
-from eval_long import YNN_DOTS_ONLY
-from train_step import KINDS, QUICK_DIMS, QUICK_SET, REPO, trainer_and_batch
+from train_step import KINDS, QUICK_DIMS, QUICK_SET, REPO, setup_in_process, trainer_and_batch
 
 
 def main(argv=None) -> None:
@@ -32,14 +31,10 @@ def main(argv=None) -> None:
   ap.add_argument("--quick", action="store_true",
                   help="a tiny model, 128 tokens, 2 pairs: checks the script only")
   args = ap.parse_args(argv)
-  overrides, dims = [], None
+  overrides = []
   if args.quick:
     overrides, args.seq_len, args.pairs = QUICK_SET, 128, 2
-    dims = {k: int(v) for k, v in (item.split("=") for item in QUICK_DIMS.split(","))}
-  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), YNN_DOTS_ONLY]))
-  sys.path.insert(0, REPO)
-  from bipe_jax import hostmem
-  hostmem.retain_freed_memory()
+  setup_in_process()
   import jax
   try:
     import release_torch
@@ -55,6 +50,7 @@ def main(argv=None) -> None:
     state, m = trainer.step(state, batch, key)
     return jax.block_until_ready(m["loss"])
 
+  dims = release_torch.parse_dims(QUICK_DIMS) if args.quick else None
   theirs = release_torch.train_step(args.kind, args.seq_len, 1, dims)
   t0 = time.perf_counter()
   loss_ours = float(ours())

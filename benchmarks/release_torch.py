@@ -144,6 +144,11 @@ def _model_and_tokens(kind: str, length: int, batch: int = 1, dims: dict | None 
   return model, torch.from_numpy(tokens)
 
 
+def parse_dims(text: str) -> dict:
+  """'d=64,layers=2,heads=2,ff=128' -> keyword arguments of ReleaseModel."""
+  return {k: int(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+
+
 def _timed(fn, repeats: int):
   t0 = time.perf_counter()
   loss = float(fn())
@@ -207,8 +212,8 @@ def main(argv=None):
                   help="model size for --train, e.g. d=64,layers=2,heads=2,ff=128 (default 151M)")
   args = ap.parse_args(argv)
   if args.train:
-    dims = {k: int(v) for k, v in (item.split("=") for item in args.dims.split(",") if item)}
-    print(json.dumps(measure_train(args.kind, args.length, args.batch, args.repeats, dims)))
+    print(json.dumps(measure_train(args.kind, args.length, args.batch, args.repeats,
+                                   parse_dims(args.dims))))
   else:
     print(json.dumps(measure(args.kind, args.length, args.repeats)))
 

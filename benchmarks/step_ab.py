@@ -23,11 +23,9 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import time
 
-from eval_long import YNN_DOTS_ONLY
-from train_step import KINDS, QUICK_SET, REPO, trainer_and_batch
+from train_step import KINDS, QUICK_SET, REPO, setup_in_process, trainer_and_batch
 
 
 @contextlib.contextmanager
@@ -78,10 +76,7 @@ def main(argv=None) -> None:
   if args.quick:
     args.a_set, args.b_set = QUICK_SET + args.a_set, QUICK_SET + args.b_set
     args.seq_len, args.steps = 128, 2
-  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), YNN_DOTS_ONLY]))
-  sys.path.insert(0, REPO)
-  from bipe_jax import hostmem
-  hostmem.retain_freed_memory()
+  setup_in_process()
   import jax
 
   config = os.path.join(REPO, "configs", f"{args.kind}_151m.py")

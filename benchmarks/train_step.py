@@ -80,6 +80,15 @@ def model_flops(params: dict, c, tokens: int) -> float:
   return 6 * n * tokens + 12 * m.n_layers * m.d_model * c.data.seq_len * tokens
 
 
+def setup_in_process() -> None:
+  """What a process that times steps itself needs before JAX starts (step_ab.py, paired.py):
+  the YNNPACK flag added to XLA_FLAGS, the repository importable, malloc keeping freed memory."""
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), YNN_DOTS_ONLY]))
+  sys.path.insert(0, REPO)
+  from bipe_jax import hostmem
+  hostmem.retain_freed_memory()
+
+
 def trainer_and_batch(path: str, overrides: list[str], batch_size: int, seq_len: int):
   """(trainer, initial state, global batch) of the config: random tokens, a separator ~every 13."""
   import jax

@@ -26,7 +26,8 @@ M_ARENA_MAX = -8
 
 
 # The same settings for a process started from outside (glibc tunables, read at
-# start-up): what `retain_freed_memory()` sets, for programs that do not call it.
+# start-up), for programs that do not call `retain_freed_memory()`; the trim
+# threshold is 4 GiB there rather than off.
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296:glibc.malloc.arena_max=1"
 
 
