@@ -4,8 +4,9 @@
     python -m bipe_jax.compare DIR_OR_GLOB ...
 
 Each argument is a work dir holding eval.json, a glob of them, or a directory
-whose subdirectories hold them (a sweep root). Runs whose configs differ only
-in `seed` form one row: mean and sample standard deviation over the seeds
+whose subdirectories hold them (a sweep root); an argument that yields no
+eval.json fails, naming it, and so does a damaged eval.json. Runs whose configs
+differ only in `seed` form one row: mean and sample standard deviation over the seeds
 (n = how many). A row is labelled by the config keys that differ between rows
 (the encoding, usually). Perplexity rows are sorted by the mean at the longest
 length every row has (best first); arithmetic rows by mean answer accuracy on
@@ -32,15 +33,18 @@ def find_runs(patterns) -> list[str]:
   dirs = set()
   for pattern in patterns:
     matches = sorted(glob.glob(pattern)) or [pattern]
+    found = set()
     for m in matches:
+      m = os.path.normpath(m)  # `a`, `a/` and `./a` are one run, not two seeds
       if os.path.isfile(os.path.join(m, "eval.json")):
-        dirs.add(m)
+        found.add(m)
       elif os.path.isdir(m):
-        dirs.update(os.path.join(m, d) for d in os.listdir(m)
-                    if os.path.isfile(os.path.join(m, d, "eval.json")))
-  if not dirs:
-    raise ValueError(f"no eval.json found under {' '.join(patterns)}: pass work dirs "
-                     "evaluated with bipe-eval, globs of them, or a sweep root")
+        found.update(os.path.join(m, d) for d in os.listdir(m)
+                     if os.path.isfile(os.path.join(m, d, "eval.json")))
+    if not found:  # a mistyped or unevaluated dir must not vanish from the table
+      raise ValueError(f"no eval.json found under {pattern}: pass work dirs evaluated "
+                       "with bipe-eval, globs of them, or a sweep root")
+    dirs |= found
   return sorted(dirs)
 
 
@@ -54,14 +58,46 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
+def _read_json(path: str) -> dict:
+  """The JSON object in `path`, or a ValueError naming the file."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is damaged ({e}): run bipe-eval on its work dir again, "
+                     "or leave the dir out") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path} is damaged (not a JSON object): run bipe-eval on its work "
+                     "dir again, or leave the dir out")
+  return value
+
+
+def _check_result(result: dict, path: str) -> None:
+  """A ValueError naming `path` unless it holds perplexity or arithmetic results."""
+  fields = {"results": ("length", "ppl"), "arithmetic": ("n", "answer_acc", "chain_acc")}
+  if not any(k in result for k in fields):
+    raise ValueError(f"{path} holds neither perplexity results nor arithmetic accuracy: "
+                     "run bipe-eval on its work dir again, or leave the dir out")
+  for key, need in fields.items():
+    if key not in result:
+      continue
+    rows = result[key]
+    sound = isinstance(rows, list) and all(
+        isinstance(r, dict) and all(k in r for k in need) for r in rows)
+    if key == "arithmetic":
+      need, sound = need + ("train_max_ops",), sound and "train_max_ops" in result
+    if not sound:
+      raise ValueError(f"{path} is damaged ({key!r} needs {', '.join(need)}): run "
+                       "bipe-eval on its work dir again, or leave the dir out")
+
+
 def load_run(workdir: str) -> dict:
   """{dir, eval, config}: config is the flat config.json (or what eval.json tells)."""
-  with open(os.path.join(workdir, "eval.json")) as f:
-    result = json.load(f)
+  result = _read_json(os.path.join(workdir, "eval.json"))
+  _check_result(result, os.path.join(workdir, "eval.json"))
   path = os.path.join(workdir, "config.json")
   if os.path.isfile(path):
-    with open(path) as f:
-      config = _flat(json.load(f))
+    config = _flat(_read_json(path))
   else:
     config = {"pe.kind": result.get("pe_kind", "?"), "data.seq_len": result.get("train_length")}
   return {"dir": workdir, "eval": result, "config": config}
@@ -215,6 +251,7 @@ def compare(patterns, out: str | None = None) -> str:
                             "compare")
   ppl = [r for r in runs if "results" in r["eval"]]
   arith = [r for r in runs if "arithmetic" in r["eval"]]
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # before the plots
   parts = []
   if ppl:
     text, rows = perplexity_table(group_runs(ppl))
@@ -225,7 +262,6 @@ def compare(patterns, out: str | None = None) -> str:
     plot_arithmetic(rows, out + "_arithmetic.png")
     parts.append(text + f"\n\nPlot: {out}_arithmetic.png")
   md = "\n\n".join(parts) + "\n\nRuns: " + " ".join(dirs) + "\n"
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out + ".md", "w") as f:
     f.write(md)
   return md

@@ -24,11 +24,15 @@ from bipe_jax.trainer import Trainer, TrainState
 
 def convert(hf_checkpoint: str, workdir: str) -> str:
   """Imports `hf_checkpoint` and writes it under `workdir`; returns the step dir."""
-  imported = release.load(hf_checkpoint)
   workdir = os.path.abspath(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(os.path.join(ckpt_dir, "0")):
-    raise FileExistsError(f"{ckpt_dir}/0 already exists; use a new --workdir")
+  # A run already there (its config.json, any checkpoint) is never overwritten.
+  held = [p for p in (os.path.join(workdir, "config.json"), ckpt_dir)
+          if os.path.exists(p) and not (os.path.isdir(p) and not os.listdir(p))]
+  if held:
+    raise FileExistsError(f"--workdir={workdir} already holds a run ({', '.join(held)}); "
+                          "use a new --workdir")
+  imported = release.load(hf_checkpoint)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(imported.config.to_json(indent=1))

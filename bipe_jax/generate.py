@@ -28,6 +28,8 @@ from bipe_jax.data.tokenizer import Tokenizer
 from bipe_jax.interop import release
 from bipe_jax.trainer import Trainer
 
+MAX_NEW_TOKENS = 2**30
+
 
 def load_tokenizer(config, workdir: str):
   """(Tokenizer, separators) of a bipe-train work dir (a positions.LevelSeparators,
@@ -101,7 +103,16 @@ def generate(workdir, prompt: str, max_new_tokens: int, sampling: decode.Samplin
                                  f"[0, {tok.vocab_size})")
   gen = decode.Generator.for_trainer(trainer, tok, seps)
   print(prompt, end="", flush=True)
-  out = gen(params, [ids], max_new_tokens, sampling, seed, stops, chunk, TextStream(tok))
+  try:
+    out = gen(params, [ids], max_new_tokens, sampling, seed, stops, chunk, TextStream(tok))
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    print()
+    raise config_lib.ConfigError(
+        f"--max_new_tokens={max_new_tokens}: the KV cache for the prompt's {len(ids)} tokens "
+        f"plus {max_new_tokens} new ones does not fit in memory ({str(e).splitlines()[0]}); "
+        "ask for fewer tokens or a shorter --prompt") from None
   print()
   print(f"prefill: {out.prefill_tokens} tokens in {out.prefill_seconds:.3f}s "
         f"({rate(out.prefill_tokens, out.prefill_seconds)}); decode: {out.decode_tokens} "
@@ -139,8 +150,13 @@ def main(overrides) -> None:
   for name in ("max_new_tokens", "chunk"):
     if f[name].value < 1:
       raise config_lib.ConfigError(f"--{name}={f[name].value} must be >= 1")
+  if f.max_new_tokens > MAX_NEW_TOKENS:  # the cache's slots are int32
+    raise config_lib.ConfigError(f"--max_new_tokens={f.max_new_tokens} must be at most "
+                                 f"{MAX_NEW_TOKENS}")
   if f.step is not None and f.step < 0:
     raise config_lib.ConfigError(f"--step={f.step} must be a saved step (>= 0)")
+  if not -2**63 <= f.seed < 2**63:  # what jax.random.key takes
+    raise config_lib.ConfigError(f"--seed={f.seed} must be a 64-bit integer, e.g. --seed=1")
   try:
     stop_ids = tuple(int(x) for x in f.stop_ids)
   except ValueError:

@@ -40,12 +40,36 @@ def _latest_step(init_from: str) -> int:
   return checkpoint.latest_step(init_from)
 
 
+def _check_resumes_same_run(init_from: str, workdir: str) -> None:
+  """A `workdir` holding checkpoints is resumed, so it must be the run that
+  `init_from` started: another run there (say, one's own finished run) would be
+  resumed with this config and `init_from`'s tokenizer, and its config.json and
+  tokenized data rewritten."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return
+  step = checkpoint.latest_step(workdir)
+  if step is None:
+    return
+  path = os.path.join(workdir, "config.json")
+  saved = config_lib.read_json(path, "restore it from a copy") if os.path.isfile(path) else {}
+  started_from = ((saved.get("train") or {}).get("init_from", "")
+                  if isinstance(saved, dict) else "")
+  if started_from and (started_from == init_from or
+                       os.path.realpath(started_from) == os.path.realpath(init_from)):
+    return
+  raise _fail(init_from, f"--workdir={workdir} already holds a run (checkpoints up to step "
+              f"{step}) that was not started from it (its config.json has train.init_from="
+              f"{started_from!r}); use a new --workdir, or leave out --init_from to resume "
+              "that run")
+
+
 def prepare(config, workdir: str) -> None:
   """Before the corpus is read: checks `train.init_from` and fills what it implies
   into `config` (in place), printing each value it sets."""
   init_from = config.train.init_from
   if os.path.abspath(init_from) == os.path.abspath(workdir):
     raise _fail(init_from, "is the --workdir itself; run without --init_from to resume it")
+  _check_resumes_same_run(init_from, workdir)
   src = source_config(init_from)
   _latest_step(init_from)
   if not config.tokenizer.model:

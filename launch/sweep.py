@@ -41,6 +41,8 @@ import subprocess
 import sys
 import time
 
+import ml_collections
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # sweep files import configs.*
 SWEEP_KEYS = {"base", "overrides", "product", "root", "eval_args"}
@@ -62,8 +64,18 @@ def load_sweep(path: str):
   if spec is None or not os.path.isfile(path):
     raise SweepError(f"sweep file {path!r} does not exist; pass e.g. configs/sweeps/stdlib.py")
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  sweep = module.get_config()
+  try:
+    spec.loader.exec_module(module)
+    sweep = module.get_config()
+  except SyntaxError as e:
+    raise SweepError(f"sweep file {path!r} line {e.lineno}: {e.msg}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    # The user's own Python: name the file, keep the original message.
+    raise SweepError(f"sweep file {path!r} failed: {type(e).__name__}: {e}; it must define "
+                     "get_config() returning an ml_collections.ConfigDict") from None
+  if not isinstance(sweep, ml_collections.ConfigDict):
+    raise SweepError(f"sweep file {path!r}: get_config() returned {type(sweep).__name__}, "
+                     "not an ml_collections.ConfigDict")
   unknown = set(sweep.keys()) - SWEEP_KEYS
   if unknown or "base" not in sweep or "product" not in sweep:
     raise SweepError(f"sweep file {path}: needs keys base and product, may have "
@@ -84,9 +96,23 @@ def run_name(axes: list) -> str:
   return "__".join(re.sub(r"[^A-Za-z0-9._=+-]", "-", p) for p in parts)
 
 
+def _pairs(what: str, items, example: str) -> list[tuple]:
+  """`items` as a list of 2-tuples, or a SweepError naming `what` and `example`."""
+  seq = (tuple, list)
+  if not isinstance(items, seq) or not all(isinstance(x, seq) and len(x) == 2 for x in items):
+    raise SweepError(f"sweep {what} must be a tuple of (key, value) pairs, e.g. {example}; "
+                     f"got {items!r}")
+  return [tuple(x) for x in items]
+
+
 def expand(sweep, root: str | None = None, sweep_path: str = "sweep") -> list[Run]:
   """The sweep's runs in product order (the last axis varies fastest)."""
-  product = [(k, tuple(v)) for k, v in sweep.product]
+  product = _pairs("product", sweep.product, "((\"pe.kind\", (\"rope\", \"alibi\")),)")
+  for k, values in product:
+    if not isinstance(values, (tuple, list)):  # ("seed", (0)) or ("pe.kind", ("rope"))
+      raise SweepError(f"sweep axis {k!r}: its values must be a tuple, got {values!r}; "
+                       f"a single value is written ({values!r},)")
+  product = [(k, tuple(v)) for k, v in product]
   if not product or any(not values for _, values in product):
     raise SweepError("sweep product must name at least one key, each with at least one value")
   keys = [k for k, _ in product]
@@ -98,7 +124,11 @@ def expand(sweep, root: str | None = None, sweep_path: str = "sweep") -> list[Ru
         not isinstance(v, (tuple, list)) or len(v) != len(ks) for v in values):
       raise SweepError(f"sweep axis {tuple(ks)} sets {len(ks)} keys together: each of its "
                        f"values must be a tuple of {len(ks)}, got {values}")
-  fixed = [(k, v) for k, v in sweep.get("overrides", ())]
+  fixed = _pairs("overrides", sweep.get("overrides", ()), "((\"train.steps\", 400),)")
+  extra = sweep.get("eval_args", ())
+  if not isinstance(extra, (tuple, list)) or not all(isinstance(a, str) for a in extra):
+    raise SweepError(f"sweep eval_args must be a tuple of flags, e.g. (\"--stride=64\",); "
+                     f"got {extra!r}")
   root = root or sweep.get("root") or os.path.join(
       "runs", "sweeps", os.path.splitext(os.path.basename(sweep_path))[0])
   runs = []

@@ -33,6 +33,9 @@ from bipe_jax.data.tokenizer import Tokenizer, run_tokenizer_path
 from bipe_jax.model import ModelConfig
 
 EXPORTABLE = ("bipe_rope", "rope")
+# The files export writes into --to_hf.
+WRITTEN = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json",
+           "special_tokens_map.json")
 
 
 def check_exportable(config) -> None:
@@ -118,8 +121,11 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   """Writes the checkpoint of `workdir` (latest, or `step`) to `out`; returns `out`."""
   config = evaluate.load_config(workdir)
   check_exportable(config)
-  if os.path.exists(os.path.join(out, "model.safetensors")):
-    raise FileExistsError(f"{out}/model.safetensors already exists; choose a new --to_hf")
+  # Nothing already there is overwritten (e.g. --to_hf=DIR: the run's own config.json).
+  taken = [os.path.join(out, n) for n in WRITTEN if os.path.lexists(os.path.join(out, n))]
+  if taken:
+    raise FileExistsError(f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''}; "
+                          "choose a new --to_hf")
   tok = Tokenizer.load(run_tokenizer_path(config, workdir))
   seg = config.segmentation
   separators = np.flatnonzero(tok.separator_table(seg.modality, seg.cot_delimiter,

@@ -97,11 +97,14 @@ def accuracy(generator, params, tokenizer, lengths, depths=DEFAULT_DEPTHS, trial
   """[{length, depth, accuracy, trials}] by greedy decoding with `generator`
   (a bipe_jax.decode.Generator); at most batch_tokens // length prompts per call."""
   rng = np.random.default_rng(seed)
+  # Each length and depth once (a repeated one would double its trials and rows).
+  lengths, depths = list(dict.fromkeys(lengths)), list(dict.fromkeys(depths))
+  # Every prompt first, so a length too short fails before any decoding.
+  prompts = [[(d, make_example(tokenizer, length, d, random_key(rng, digits)))
+              for d in depths for _ in range(trials)] for length in lengths]
   rows = []
-  for length in lengths:
+  for length, cells in zip(lengths, prompts):
     t0 = time.time()
-    cells = [(d, make_example(tokenizer, length, d, random_key(rng, digits)))
-             for d in depths for _ in range(trials)]
     max_new = max(len(_encode(tokenizer, e.key)) for _, e in cells) + 2
     per = max(1, batch_tokens // length)
     right = []
@@ -165,7 +168,8 @@ def evaluate_run(workdir: str, hf_checkpoint=None, step=None, mesh=None, overrid
   config, trainer, params, tok, seps = generate.load(workdir, hf_checkpoint, step, mesh,
                                                       overrides)
   train_len = int(config.data.seq_len)
-  lengths = tuple(lengths) if lengths else tuple(m * train_len for m in DEFAULT_MULTIPLES)
+  lengths = (tuple(dict.fromkeys(lengths)) if lengths
+             else tuple(m * train_len for m in DEFAULT_MULTIPLES))
   scaling = config.pe.rope_scaling
   stretched = f", rope_scaling {scaling.kind} x{scaling.factor:g}" if scaling.kind != "none" else ""
   print(f"passkey retrieval of {hf_checkpoint or workdir} (pe.kind={config.pe.kind}, trained "
