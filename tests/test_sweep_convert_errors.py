@@ -29,7 +29,7 @@ def _snapshot(root) -> dict:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, code_tokenizer):
   """A tiny bipe_rope work dir (config.json + a checkpoint at step 3) and its vocab size."""
-  path = tmp_path_factory.mktemp("review") / "run"
+  path = tmp_path_factory.mktemp("trained") / "run"
   _workdir(path, _config("bipe_rope", code_tokenizer), code_tokenizer.vocab_size)
   return path
 
