@@ -32,6 +32,11 @@ def convert(hf_checkpoint: str, workdir: str) -> str:
   if held:
     raise FileExistsError(f"--workdir={workdir} already holds a run ({', '.join(held)}); "
                           "use a new --workdir")
+  # Without the release's tokenizer, later commands on the run would train a new one
+  # on whatever corpus they see, and its ids would not be the model's.
+  if not os.path.isfile(os.path.join(hf_checkpoint, "tokenizer.model")):
+    raise release.ReleaseError(f"--hf_checkpoint={hf_checkpoint} has no tokenizer.model: copy "
+                               "the release's Llama tokenizer.model into it, then convert")
   imported = release.load(hf_checkpoint)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -50,7 +55,7 @@ def convert(hf_checkpoint: str, workdir: str) -> str:
 
 def define_flags() -> None:
   flags.DEFINE_string("hf_checkpoint", None, "Release directory: config.json + "
-                      "model.safetensors (+ tokenizer.model).")
+                      "model.safetensors + tokenizer.model.")
   flags.DEFINE_string("workdir", None, "Output work dir for the orbax checkpoint (with "
                       "--to_hf: the work dir to export).")
   flags.DEFINE_string("to_hf", None, "Export --workdir's latest checkpoint (bipe_rope or "

@@ -8,7 +8,10 @@ optimizer state at step 0 and its own config: a longer `data.seq_len`,
 match (a mismatch names the arrays). The new run reads DIR's tokenizer unless
 `tokenizer.model` is set, and YaRN's `pe.rope_scaling.original_length`, left
 at 0, becomes DIR's `data.seq_len`. Once NEW holds a checkpoint, starting
-again resumes from it and DIR is not read.
+again resumes from it: DIR's parameters are not read again, but its
+config.json and checkpoint list still are (and its tokenizer, unless
+`tokenizer.model` is set), so keep DIR in place. A NEW that holds checkpoints
+of a run not started from DIR is refused, never taken over.
 """
 from __future__ import annotations
 

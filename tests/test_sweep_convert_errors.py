@@ -111,6 +111,13 @@ def test_import_never_overwrites_a_run_in_workdir(tmp_path, run_dir):
   _assert_one_named_error(_drive("bipe_jax.convert", cases, tmp_path), cases)
   assert _snapshot(user_run) == runs_before, "the user's run was changed"
   assert _snapshot(hf) == hf_before, "the release dir was changed"
+  # A release without its tokenizer: later commands would train another one.
+  no_tok = tmp_path / "no_tok"
+  shutil.copytree(hf, no_tok)
+  os.remove(no_tok / "tokenizer.model")
+  cases = [([f"--hf_checkpoint={no_tok}", f"--workdir={tmp_path / 'fresh'}"], "tokenizer.model")]
+  _assert_one_named_error(_drive("bipe_jax.convert", cases, tmp_path), cases)
+  assert not (tmp_path / "fresh").exists()
   # An existing empty directory is a new work dir.
   empty = tmp_path / "empty"
   empty.mkdir()
