@@ -249,6 +249,10 @@ def compare(patterns, out: str | None = None) -> str:
   out = out or os.path.join(os.path.commonpath([os.path.abspath(d) for d in dirs])
                             if len(dirs) > 1 else os.path.dirname(os.path.abspath(dirs[0])),
                             "compare")
+  if out.endswith(("/", os.sep)) or os.path.isdir(out):  # a directory: compare.* in it
+    out = os.path.join(out, "compare")
+  elif out.endswith(".md"):  # the table's own name given: no x.md.md
+    out = out[:-3]
   ppl = [r for r in runs if "results" in r["eval"]]
   arith = [r for r in runs if "arithmetic" in r["eval"]]
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # before the plots
@@ -270,7 +274,7 @@ def compare(patterns, out: str | None = None) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("dirs", nargs="+", help="work dirs, globs of them, or sweep roots")
-  parser.add_argument("--out", help="output prefix for .md and .png (default: <common parent>/compare)")
+  parser.add_argument("--out", help="output prefix for .md and .png, or a directory to write compare.md and compare.png in (default: <common parent>/compare)")
   args = parser.parse_args(argv)
   try:
     print(compare(args.dirs, args.out))

@@ -57,8 +57,8 @@ class Sampling:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if not self.temperature >= 0:
-      raise ValueError(f"temperature={self.temperature} must be >= 0 (0: greedy)")
+    if not 0 <= self.temperature < float("inf"):
+      raise ValueError(f"temperature={self.temperature} must be finite and >= 0 (0: greedy)")
     if self.top_k < 0:
       raise ValueError(f"top_k={self.top_k} must be >= 0 (0: no limit)")
     if not 0 < self.top_p <= 1:

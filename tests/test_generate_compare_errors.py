@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bipe_jax import compare
+from bipe_jax import compare, decode
 from bipe_jax.tasks import passkey
 from tiny import REPO, cli_args, tiny_config
 
@@ -156,3 +156,21 @@ def test_compare_counts_a_run_named_twice_once(tmp_path):
   assert "| bipe_rope | 1 | 10.00 | 20.00 |" in md, md
   md = compare.compare([str(tmp_path / "*"), a + "/"], out=str(tmp_path / "two"))
   assert "| bipe_rope | 2 | 11.00 ± 1.41 | 21.00 ± 1.41 |" in md, md
+
+
+def test_compare_out_as_a_directory_or_with_md_names_compare_files(tmp_path):
+  a = _run_dir(str(tmp_path), "a")
+  for out, prefix in [(str(tmp_path / "new_dir") + "/", tmp_path / "new_dir" / "compare"),
+                      (str(tmp_path / "new_dir"), tmp_path / "new_dir" / "compare"),  # exists now
+                      (str(tmp_path / "table.md"), tmp_path / "table")]:
+    md = compare.compare([a], out=out)
+    assert f"Plot: {prefix}.png" in md, md
+    assert (tmp_path / f"{prefix}.md").is_file() and (tmp_path / f"{prefix}.png").is_file()
+  assert not [p for p in os.listdir(tmp_path / "new_dir") if p.startswith(".")]
+  assert not (tmp_path / "table.md.md").exists()
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -0.5])
+def test_sampling_refuses_a_temperature_that_is_not_finite_and_non_negative(temperature):
+  with pytest.raises(ValueError, match="temperature"):
+    decode.Sampling(temperature=temperature)
