@@ -6,8 +6,9 @@
 Each argument is a work dir holding eval.json, a glob of them, or a directory
 whose subdirectories hold them (a sweep root); an argument that yields no
 eval.json fails, naming it, and so does a damaged eval.json. Runs whose configs
-differ only in `seed` form one row: mean and sample standard deviation over the seeds
-(n = how many). A row is labelled by the config keys that differ between rows
+differ only in `seed`, and that were evaluated alike (the same checkpoint step,
+context extension and corpus, as eval.json records them), form one row: mean and
+sample standard deviation over the seeds (n = how many). A row is labelled by the config keys that differ between rows
 (the encoding, usually). Perplexity rows are sorted by the mean at the longest
 length every row has (best first); arithmetic rows by mean answer accuracy on
 expressions longer than in training (best first). Writes PREFIX.md with the
@@ -100,7 +101,24 @@ def load_run(workdir: str) -> dict:
     config = _flat(_read_json(path))
   else:
     config = {"pe.kind": result.get("pe_kind", "?"), "data.seq_len": result.get("train_length")}
+  config.update(_evaluated(result))
   return {"dir": workdir, "eval": result, "config": config}
+
+
+def _evaluated(result: dict) -> dict:
+  """What eval.json says about how the run was evaluated, as `evaluated.*` keys: runs
+  evaluated at another step, with another context extension or on another corpus are
+  another row, never averaged in as one more seed."""
+  out = {}
+  if "step" in result:
+    out["evaluated.step"] = result["step"]
+  scaling = result.get("rope_scaling")
+  if isinstance(scaling, dict):
+    kind = scaling.get("kind", "none")
+    out["evaluated.rope_scaling"] = kind if kind == "none" else f"{kind} x{scaling.get('factor')}"
+  if result.get("source"):
+    out["evaluated.source"] = result["source"]
+  return out
 
 
 def group_runs(runs: list[dict]) -> list[dict]:

@@ -174,3 +174,22 @@ def test_compare_out_as_a_directory_or_with_md_names_compare_files(tmp_path):
 def test_sampling_refuses_a_temperature_that_is_not_finite_and_non_negative(temperature):
   with pytest.raises(ValueError, match="temperature"):
     decode.Sampling(temperature=temperature)
+
+
+def test_compare_keeps_runs_evaluated_differently_in_rows_of_their_own(tmp_path):
+  def ev(step, scaling="none"):
+    return json.dumps({"pe_kind": "bipe_rope", "train_length": 64, "step": step,
+                       "rope_scaling": {"kind": scaling, "factor": 4.0},
+                       "results": [{"length": 64, "ppl": 10.0 + step}]})
+  # Two seeds of one config, one evaluated at an earlier checkpoint; a third with YaRN.
+  _run_dir(str(tmp_path), "s0", seed=0, eval_text=ev(10))
+  _run_dir(str(tmp_path), "s1", seed=1, eval_text=ev(5))
+  _run_dir(str(tmp_path), "s2", seed=2, eval_text=ev(10, "yarn"))
+  _run_dir(str(tmp_path), "s3", seed=3, eval_text=ev(10))
+  md = compare.compare([str(tmp_path / "s*")], out=str(tmp_path / "cmp"))
+  rows = [l for l in md.splitlines() if l.startswith("| evaluated")]
+  assert len(rows) == 3, md
+  assert any("evaluated.rope_scaling=none, evaluated.step=10 | 2 | 20.00 ± 0.00" in l
+             for l in rows), md
+  assert any("evaluated.step=5" in l and "| 1 | 15.00" in l for l in rows), md
+  assert any("yarn x4.0" in l for l in rows), md
