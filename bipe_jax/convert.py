@@ -32,12 +32,12 @@ def convert(hf_checkpoint: str, workdir: str) -> str:
   if held:
     raise FileExistsError(f"--workdir={workdir} already holds a run ({', '.join(held)}); "
                           "use a new --workdir")
+  imported = release.load(hf_checkpoint)
   # Without the release's tokenizer, later commands on the run would train a new one
   # on whatever corpus they see, and its ids would not be the model's.
   if not os.path.isfile(os.path.join(hf_checkpoint, "tokenizer.model")):
     raise release.ReleaseError(f"--hf_checkpoint={hf_checkpoint} has no tokenizer.model: copy "
                                "the release's Llama tokenizer.model into it, then convert")
-  imported = release.load(hf_checkpoint)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(imported.config.to_json(indent=1))

@@ -29,6 +29,7 @@ import numpy as np
 from bipe_jax import checkpoint, cli, eval_modes, sharding
 from bipe_jax import config as config_lib
 from bipe_jax.data import pipeline
+from bipe_jax.data import tokenizer as tokenizer_lib
 from bipe_jax.interop import release
 from bipe_jax.tasks import arithmetic
 from bipe_jax.trainer import Trainer
@@ -104,8 +105,9 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
              per_position: bool = False) -> dict:
   """Perplexity table of a checkpoint in `workdir`, or of a release dir `hf_checkpoint`.
 
-  `source` replaces config.data.source (its held-out split is scored); its
-  tokenized cache goes to a directory of its own so the training cache stays.
+  `source` replaces config.data.source (its held-out split is scored, tokenized
+  with the run's own tokenizer); its tokenized cache goes to a directory of its
+  own so the training cache stays.
   `overrides`: [(KEY, VALUE text)] set on the config first (`--config.KEY=VALUE`).
   """
   imported = release.load(hf_checkpoint) if hf_checkpoint else None
@@ -114,6 +116,9 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
   if imported:
     os.makedirs(workdir, exist_ok=True)
   if source:
+    if not imported and not config.tokenizer.model:
+      # The checkpoint's own tokenizer scores the other corpus, not one trained on it.
+      config.tokenizer.model = _run_tokenizer(config, workdir)
     digest = hashlib.sha1(source.encode()).hexdigest()[:10]
     config.data.source = source
     config.data.cache_dir = os.path.join(workdir, "data_eval", digest)
@@ -124,6 +129,8 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
   lengths = tuple(config.eval.lengths)
   eval_modes.check(stride, lengths)
   corpus = pipeline.prepare(config, workdir)
+  if config.data.source != "arithmetic":
+    _check_heldout_fits(config, corpus, lengths)
   if imported:
     if corpus.vocab_size != imported.model_cfg.vocab_size:
       raise ValueError(f"the tokenizer has {corpus.vocab_size} pieces but the checkpoint "
@@ -147,7 +154,7 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
   unigram = min(rows, key=lambda r: r["length"])["unigram_ppl"]
   result = dict(workdir=os.path.abspath(workdir), step=step, pe_kind=config.pe.kind,
                 train_length=train_len, unigram_ppl=unigram, results=rows,
-                rope_scaling=scaling.to_dict())
+                rope_scaling=scaling.to_dict(), source=config.data.source)
   result.update(eval_modes.run(trainer, params, config, corpus, lengths, stride, per_position))
   print(format_table(result))
   if jax.process_index() == 0:
@@ -157,6 +164,30 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
     eval_modes.plot(result, workdir)
     print(f"wrote {os.path.join(workdir, 'eval.json')} and {os.path.join(workdir, 'eval.png')}")
   return result
+
+
+def _run_tokenizer(config, workdir: str) -> str:
+  """The tokenizer file the run in `workdir` trained with; fails naming it if gone."""
+  path = tokenizer_lib.run_tokenizer_path(config, workdir)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"{path} not found: --source is scored with the tokenizer the run trained with; "
+        "run bipe-eval once without --source (it rebuilds the run's data cache from its "
+        "training data.source), or set --config.tokenizer.model=PATH")
+  return path
+
+
+def _check_heldout_fits(config, corpus, lengths) -> None:
+  """Fails before any compilation when the longest length has no full block."""
+  n, longest = len(corpus.heldout_tokens), max(lengths)
+  if n > longest:
+    return
+  fits = ",".join(str(L) for L in lengths if L < n)
+  fix = (f"use --lengths below {n}" + (f", e.g. --lengths={fits}" if fits else "") + ", or "
+         if n > 1 else "")
+  raise ValueError(f"--lengths (eval.lengths) {longest}: the held-out split of data.source "
+                   f"{config.data.source!r} has {n} tokens, fewer than one evaluation block "
+                   f"of {longest} (+1 target token); {fix}raise data.heldout_fraction")
 
 
 def choose_mesh(config, mesh: str | None) -> None:

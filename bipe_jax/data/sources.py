@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import sysconfig
+import zlib
 from collections.abc import Iterator, Sequence
 
 from absl import logging
@@ -24,6 +25,11 @@ import numpy as np
 _STDLIB_EXCLUDED = frozenset({"test", "tests", "idle_test", "site-packages"})
 FORMATS = ("auto", "text", "jsonl", "arrayrecord")
 _REPLACEMENT = "\ufffd"
+_BOM = b"\xef\xbb\xbf"
+# Leading bytes of compressed / archive formats that a text file never starts with.
+_PACKED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
+                 (b"\x28\xb5\x2f\xfd", "zstd"), (b"PK\x03\x04", "zip"),
+                 (b"7z\xbc\xaf\x27\x1c", "7z"), (b"PAR1", "parquet"))
 
 
 def stdlib_files() -> list[str]:
@@ -189,6 +195,8 @@ def _read_jsonl(path: str, text_field: str, rep: _Replacements) -> Iterator[str]
   opener = gzip.open if path.lower().endswith(".gz") else open
   with opener(path, "rb") as f:
     for lineno, raw in enumerate(f, start=1):
+      if lineno == 1 and raw.startswith(_BOM):
+        raw = raw[len(_BOM):]  # A UTF-8 byte-order mark some editors write.
       if not raw.strip():
         continue  # Blank lines (often a trailing one) carry no document.
       line = rep.decode(raw)
@@ -223,6 +231,18 @@ def _read_array_record(path: str, text_field: str,
     reader.close()
 
 
+def _check_not_packed(path: str, raw: bytes) -> None:
+  """Refuses a compressed or archive file that would be read as plain text."""
+  for magic, kind in _PACKED_MAGIC:
+    if raw.startswith(magic) and (kind != "bzip2" or raw[4:10] == b"1AY&SY") and (
+        kind != "parquet" or raw.endswith(magic)):
+      raise ValueError(
+          f"{path}: a {kind} file, which would be read as plain text (its bytes, "
+          "not its contents); decompress it, or for JSON lines name it .jsonl.gz or "
+          "set data.format=jsonl (data.source reads plain text, .jsonl, .jsonl.gz "
+          "and .array_record files)")
+
+
 def read_documents(path: str, fmt: str = "auto",
                    text_field: str = "text") -> Iterator[str]:
   """Yields the documents of one file as str.
@@ -238,6 +258,7 @@ def read_documents(path: str, fmt: str = "auto",
     if kind == "text":
       with open(path, "rb") as f:
         raw = f.read()
+      _check_not_packed(path, raw)
       yield rep.decode(raw)
     elif kind == "jsonl":
       yield from _read_jsonl(path, text_field, rep)
@@ -245,6 +266,9 @@ def read_documents(path: str, fmt: str = "auto",
       yield from _read_array_record(path, text_field, rep)
   except OSError as e:
     raise OSError(f"cannot read data file {path!r}: {e}") from e
+  except (EOFError, zlib.error) as e:  # gzip: truncated or damaged stream.
+    raise OSError(f"cannot read data file {path!r}: damaged or truncated gzip data "
+                  f"({e}); replace the file with a complete copy") from e
   except RuntimeError as e:  # array_record reports unreadable files this way.
     raise OSError(f"cannot read data file {path!r} as ArrayRecord: {e}") from e
   finally:

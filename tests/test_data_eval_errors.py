@@ -1,0 +1,115 @@
+"""A researcher's own corpus and bipe-eval inputs: damaged or packed data files,
+a byte-order mark, `--source` of another corpus and lengths the held-out split
+cannot fill. Bad input ends with exit status 2 and one line `error: ...` naming
+the file or flag, and leaves what is saved untouched.
+"""
+import gzip
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+from bipe_jax.data import pipeline, sources
+from bipe_jax.data.tokenizer import Tokenizer
+from tiny import REPO, STDLIB, cli_args, tiny_config
+
+
+def _drive(module, cases, tmp_path) -> list:
+  """Runs `module.run(args)` for each case's args in one process (tests/cli_driver.py)."""
+  path = tmp_path / f"{module}.cases.json"
+  path.write_text(json.dumps([args for args, _ in cases]))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "cli_driver.py"), module,
+                         str(path)], capture_output=True, text=True, cwd=REPO, timeout=600,
+                        env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _assert_one_named_error(results, cases):
+  wrong = []
+  for r, (args, names) in zip(results, cases):
+    lines = r["stderr"].splitlines()
+    if not (r["code"] == 2 and not r["traceback"] and "Traceback" not in r["stderr"]
+            and len(lines) == 1 and lines[0].startswith("error: ")
+            and all(n in lines[0] for n in names)):
+      wrong.append(f"{args[-2:]} -> exit {r['code']}, expected one error line naming "
+                   f"{names!r}; stderr: {r['stderr'][-400:]!r} {r['traceback'][-800:]}")
+  assert not wrong, f"{len(wrong)} of {len(cases)} command lines:\n" + "\n".join(wrong)
+
+
+def _code(name: str) -> bytes:
+  with open(os.path.join(STDLIB, name), "rb") as f:
+    return f.read()
+
+
+def test_damaged_gzip_and_packed_files_exit_2_naming_the_file(tmp_path):
+  jsonl = b"".join(json.dumps({"text": _code(n).decode()}).encode() + b"\n"
+                   for n in ("textwrap.py", "heapq.py", "bisect.py"))
+  packed = gzip.compress(jsonl)
+  (tmp_path / "truncated.jsonl.gz").write_bytes(packed[:len(packed) // 2])
+  damaged = bytearray(packed)
+  damaged[20:28] = b"\xff" * 8
+  (tmp_path / "damaged.jsonl.gz").write_bytes(bytes(damaged))
+  for sub, name in (("gz", "notes.txt.gz"), ("zip", "pages.zip")):
+    os.makedirs(tmp_path / sub)
+    (tmp_path / sub / "good.txt").write_bytes(_code("textwrap.py"))
+  (tmp_path / "gz" / "notes.txt.gz").write_bytes(gzip.compress(_code("heapq.py")))
+  with zipfile.ZipFile(tmp_path / "zip" / "pages.zip", "w", zipfile.ZIP_DEFLATED) as z:
+    z.writestr("pages.txt", _code("heapq.py"))
+  bad = {"truncated": (str(tmp_path / "truncated.jsonl.gz"), "truncated"),
+         "damaged": (str(tmp_path / "damaged.jsonl.gz"), "damaged"),
+         "gz": (f"{tmp_path}/gz/*", "gzip file"), "zip": (f"{tmp_path}/zip/*", "zip file")}
+  named = {"truncated": "truncated.jsonl.gz", "damaged": "damaged.jsonl.gz",
+           "gz": "gz/notes.txt.gz", "zip": "zip/pages.zip"}
+  cases = []
+  for key, (source, what) in bad.items():
+    c = tiny_config(steps=1)
+    c.data.source = source
+    cases.append(([*cli_args(c), f"--workdir={tmp_path}/w_{key}"],
+                  (f"{tmp_path}/{named[key]}", what)))
+  _assert_one_named_error(_drive("bipe_jax.train", cases, tmp_path), cases)
+  for key in bad:
+    assert not os.path.exists(tmp_path / f"w_{key}" / "checkpoints"), key
+
+
+def test_jsonl_byte_order_mark_reads_like_without(tmp_path):
+  lines = [json.dumps({"text": "first"}), json.dumps({"text": "second\nline"})]
+  plain, marked = tmp_path / "plain.jsonl", tmp_path / "marked.jsonl"
+  plain.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  marked.write_text("\n".join(lines) + "\n", encoding="utf-8-sig")
+  assert marked.read_bytes().startswith(b"\xef\xbb\xbf")
+  assert list(sources.read_documents(str(marked))) == ["first", "second\nline"]
+  assert list(sources.read_documents(str(marked))) == list(sources.read_documents(str(plain)))
+
+
+def test_eval_source_uses_the_runs_tokenizer_and_lengths_fail_before_restoring(tmp_path):
+  """No checkpoint is saved here: each error must come before the restore."""
+  c = tiny_config()
+  work, bare = tmp_path / "work", tmp_path / "bare"
+  pipeline.prepare(c, str(work))
+  (work / "config.json").write_text(c.to_json())
+  (work / "eval.json").write_text('{"saved": true}')
+  os.makedirs(bare)
+  (bare / "config.json").write_text(c.to_json())
+  other = tmp_path / "other"
+  os.makedirs(other)
+  for name in ("textwrap.py", "heapq.py", "bisect.py", "colorsys.py"):
+    (other / f"{name}.txt").write_bytes(_code(name))
+  w, source = f"--workdir={work}", f"--source={other}/*.txt"
+  cases = [([w, source, "--lengths=100000"], ("--lengths", "100000")),
+           ([w, "--lengths=32,100000"], ("--lengths", "100000", "--lengths=32,")),
+           ([f"--workdir={bare}", source], (f"{bare}/data/tokenizer.model",))]
+  _assert_one_named_error(_drive("bipe_jax.evaluate", cases, tmp_path), cases)
+
+  # The other corpus was tokenized with the run's own tokenizer, not a new one.
+  run_hash = Tokenizer.load(str(work / "data" / "tokenizer.model")).file_hash()
+  (made,) = os.listdir(work / "data_eval")
+  with open(work / "data_eval" / made / "meta.json") as f:
+    assert json.load(f)["fingerprint"]["tokenizer_sha256"] == run_hash
+  for d in (work, bare):
+    trained = [os.path.join(r, f) for r, _, fs in os.walk(d / "data_eval")
+               for f in fs if f.startswith("tokenizer")]
+    assert not trained, trained
+  assert (work / "eval.json").read_text() == '{"saved": true}'
