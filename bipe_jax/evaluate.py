@@ -112,6 +112,7 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
   """
   imported = release.load(hf_checkpoint) if hf_checkpoint else None
   config = imported.config if imported else load_config(workdir)
+  trained_source = config.data.source
   cli.apply_overrides(config, overrides)
   if imported:
     os.makedirs(workdir, exist_ok=True)
@@ -158,12 +159,37 @@ def evaluate(workdir: str, step: int | None = None, lengths=None, mesh: str | No
   result.update(eval_modes.run(trainer, params, config, corpus, lengths, stride, per_position))
   print(format_table(result))
   if jax.process_index() == 0:
+    _set_aside_other_eval(workdir, result, trained_source)
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump(result, f, indent=1)
     plot(result, os.path.join(workdir, "eval.png"))
     eval_modes.plot(result, workdir)
     print(f"wrote {os.path.join(workdir, 'eval.json')} and {os.path.join(workdir, 'eval.png')}")
   return result
+
+
+def _set_aside_other_eval(workdir: str, result: dict, trained_source: str) -> None:
+  """Moves an eval.json of another corpus or context extension (and its plot) to
+  eval_before_<time>.json, so scoring a run on a second corpus keeps the first
+  result. A rerun with the same settings (e.g. after more training) replaces it."""
+  path = os.path.join(workdir, "eval.json")
+  if not os.path.isfile(path):
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    same = (isinstance(old, dict) and old.get("source", trained_source) == result["source"]
+            and old.get("rope_scaling") == result["rope_scaling"])
+  except (OSError, ValueError):
+    same = False
+  if same:
+    return
+  stem = os.path.join(workdir, time.strftime("eval_before_%Y%m%d-%H%M%S"))
+  os.replace(path, stem + ".json")
+  if os.path.isfile(os.path.join(workdir, "eval.png")):
+    os.replace(os.path.join(workdir, "eval.png"), stem + ".png")
+  print(f"kept the previous eval.json (another corpus or context extension) as {stem}.json",
+        flush=True)
 
 
 def _run_tokenizer(config, workdir: str) -> str:

@@ -113,3 +113,29 @@ def test_eval_source_uses_the_runs_tokenizer_and_lengths_fail_before_restoring(t
                for f in fs if f.startswith("tokenizer")]
     assert not trained, trained
   assert (work / "eval.json").read_text() == '{"saved": true}'
+
+
+def test_eval_on_another_corpus_keeps_the_previous_eval_json(tmp_path, capsys):
+  from bipe_jax import evaluate
+  none = {"kind": "none", "factor": 1.0}
+  new = {"source": "other/*.txt", "rope_scaling": none, "results": []}
+  # Same corpus and extension (an older file without "source" names the trained one):
+  # a rerun replaces it, nothing is set aside.
+  for old in ({"source": "other/*.txt", "rope_scaling": none},
+              {"rope_scaling": none}):
+    (tmp_path / "eval.json").write_text(json.dumps(old))
+    evaluate._set_aside_other_eval(str(tmp_path), new, trained_source="other/*.txt")
+    assert (tmp_path / "eval.json").is_file() and not list(tmp_path.glob("eval_before_*"))
+  # Another corpus, or another context extension: the old result and plot are kept.
+  for n, old in enumerate(({"source": "stdlib", "rope_scaling": none},
+                           {"source": "other/*.txt", "rope_scaling": {"kind": "yarn"}})):
+    (tmp_path / "eval.json").write_text(json.dumps(old))
+    (tmp_path / "eval.png").write_bytes(b"png")
+    for f in tmp_path.glob("eval_before_*"):
+      f.unlink()
+    evaluate._set_aside_other_eval(str(tmp_path), new, trained_source="stdlib")
+    kept = sorted(p.name for p in tmp_path.glob("eval_before_*"))
+    assert len(kept) == 2 and kept[0].endswith(".json") and kept[1].endswith(".png"), kept
+    assert json.loads((tmp_path / kept[0]).read_text()) == old
+    assert not (tmp_path / "eval.json").exists()
+    assert "kept the previous eval.json" in capsys.readouterr().out
