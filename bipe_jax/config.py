@@ -4,13 +4,11 @@ Every error names the key, the offending value and what would be valid.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import ml_collections
 
-from bipe_jax import encodings, model
+from bipe_jax import encodings, model, pyconfig
 from bipe_jax.configs import base
 from bipe_jax.data import levels, pipeline, sources, tokenizer
 
@@ -50,27 +48,8 @@ def base_keys() -> set[str]:
 
 def load_file(path: str) -> ml_collections.ConfigDict:
   """Loads `get_config()` from a config file path (what --config= names)."""
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file {path!r} does not exist; pass a file such as "
-                      "--config=configs/quickstart.py")
-  spec = importlib.util.spec_from_file_location("_bipe_config", path)
-  if spec is None:
-    raise ConfigError(f"cannot load config file {path!r}: pass a .py file such "
-                      "as configs/quickstart.py")
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    config = module.get_config()
-  except SyntaxError as e:
-    raise ConfigError(f"config file {path!r} line {e.lineno}: {e.msg}") from None
-  except Exception as e:  # pylint: disable=broad-except
-    # The user's own Python: name the file, keep the original message.
-    raise ConfigError(f"config file {path!r} failed: {type(e).__name__}: {e}; it must "
-                      "define get_config() returning an ml_collections.ConfigDict") from None
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise ConfigError(f"config file {path!r}: get_config() returned "
-                      f"{type(config).__name__}, not an ml_collections.ConfigDict")
-  return config
+  return pyconfig.load_get_config(path, "config file", "--config=configs/quickstart.py",
+                                  ConfigError)
 
 
 def read_json(path: str, fix: str):

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
-import importlib.util
 import itertools
 import json
 import os
@@ -41,10 +40,10 @@ import subprocess
 import sys
 import time
 
-import ml_collections
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # sweep files import configs.*
+from bipe_jax import pyconfig  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 SWEEP_KEYS = {"base", "overrides", "product", "root", "eval_args"}
 
 
@@ -60,22 +59,7 @@ class Run:
 
 
 def load_sweep(path: str):
-  spec = importlib.util.spec_from_file_location("_bipe_sweep", path)
-  if spec is None or not os.path.isfile(path):
-    raise SweepError(f"sweep file {path!r} does not exist; pass e.g. configs/sweeps/stdlib.py")
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    sweep = module.get_config()
-  except SyntaxError as e:
-    raise SweepError(f"sweep file {path!r} line {e.lineno}: {e.msg}") from None
-  except Exception as e:  # pylint: disable=broad-except
-    # The user's own Python: name the file, keep the original message.
-    raise SweepError(f"sweep file {path!r} failed: {type(e).__name__}: {e}; it must define "
-                     "get_config() returning an ml_collections.ConfigDict") from None
-  if not isinstance(sweep, ml_collections.ConfigDict):
-    raise SweepError(f"sweep file {path!r}: get_config() returned {type(sweep).__name__}, "
-                     "not an ml_collections.ConfigDict")
+  sweep = pyconfig.load_get_config(path, "sweep file", "configs/sweeps/stdlib.py", SweepError)
   unknown = set(sweep.keys()) - SWEEP_KEYS
   if unknown or "base" not in sweep or "product" not in sweep:
     raise SweepError(f"sweep file {path}: needs keys base and product, may have "

@@ -41,11 +41,14 @@ def _drive(module, cases, tmp_path) -> list:
 
 
 def _assert_one_named_error(results, cases):
+  """Each case (args, name or names) exited 2 with one `error:` line holding them all."""
   wrong = []
   for r, (args, names) in zip(results, cases):
     lines = r["stderr"].splitlines()
+    names = (names,) if isinstance(names, str) else names
     if not (r["code"] == 2 and not r["traceback"] and "Traceback" not in r["stderr"]
-            and len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0]):
+            and len(lines) == 1 and lines[0].startswith("error: ")
+            and all(n in lines[0] for n in names)):
       wrong.append(f"{args[-2:]} -> exit {r['code']}, expected one error line naming "
                    f"{names!r}; stderr: {r['stderr'][-400:]!r} {r['traceback'][-800:]}")
   assert not wrong, f"{len(wrong)} of {len(cases)} bad command lines:\n" + "\n".join(wrong)

@@ -6,37 +6,12 @@ the file or flag, and leaves what is saved untouched.
 import gzip
 import json
 import os
-import subprocess
-import sys
 import zipfile
 
 from bipe_jax.data import pipeline, sources
 from bipe_jax.data.tokenizer import Tokenizer
-from tiny import REPO, STDLIB, cli_args, tiny_config
-
-
-def _drive(module, cases, tmp_path) -> list:
-  """Runs `module.run(args)` for each case's args in one process (tests/cli_driver.py)."""
-  path = tmp_path / f"{module}.cases.json"
-  path.write_text(json.dumps([args for args, _ in cases]))
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "cli_driver.py"), module,
-                         str(path)], capture_output=True, text=True, cwd=REPO, timeout=600,
-                        env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.splitlines()[-1])
-
-
-def _assert_one_named_error(results, cases):
-  wrong = []
-  for r, (args, names) in zip(results, cases):
-    lines = r["stderr"].splitlines()
-    if not (r["code"] == 2 and not r["traceback"] and "Traceback" not in r["stderr"]
-            and len(lines) == 1 and lines[0].startswith("error: ")
-            and all(n in lines[0] for n in names)):
-      wrong.append(f"{args[-2:]} -> exit {r['code']}, expected one error line naming "
-                   f"{names!r}; stderr: {r['stderr'][-400:]!r} {r['traceback'][-800:]}")
-  assert not wrong, f"{len(wrong)} of {len(cases)} command lines:\n" + "\n".join(wrong)
+from test_cli import _assert_one_named_error, _drive
+from tiny import STDLIB, cli_args, tiny_config
 
 
 def _code(name: str) -> bytes:

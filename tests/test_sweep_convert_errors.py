@@ -12,7 +12,7 @@ from bipe_jax.interop import export
 from test_cli import _assert_one_named_error, _drive
 from test_export import _config, _workdir
 from test_sweep import sweep
-from tiny import REPO, cli_args, tiny_config
+from tiny import cli_args, tiny_config
 
 
 def _snapshot(root) -> dict:
