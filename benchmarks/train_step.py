@@ -80,13 +80,18 @@ def model_flops(params: dict, c, tokens: int) -> float:
   return 6 * n * tokens + 12 * m.n_layers * m.d_model * c.data.seq_len * tokens
 
 
+def _hostmem():
+  """bipe_jax.hostmem, imported from this repository (no JAX import)."""
+  sys.path.insert(0, REPO)
+  from bipe_jax import hostmem
+  return hostmem
+
+
 def setup_in_process() -> None:
   """What a process that times steps itself needs before JAX starts (step_ab.py, paired.py):
   the YNNPACK flag added to XLA_FLAGS, the repository importable, malloc keeping freed memory."""
   os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), YNN_DOTS_ONLY]))
-  sys.path.insert(0, REPO)
-  from bipe_jax import hostmem
-  hostmem.retain_freed_memory()
+  _hostmem().retain_freed_memory()
 
 
 def trainer_and_batch(path: str, overrides: list[str], batch_size: int, seq_len: int):
@@ -233,9 +238,7 @@ def main(argv=None):
                                                           args.xla_flags])))
   base_env = env
   if args.baseline_malloc == "retain":
-    sys.path.insert(0, REPO)
-    from bipe_jax import hostmem
-    base_env = dict(env, GLIBC_TUNABLES=hostmem.GLIBC_TUNABLES)
+    base_env = dict(env, GLIBC_TUNABLES=_hostmem().GLIBC_TUNABLES)
   peak = f"{args.peak_tflops} TFLOP/s" if args.peak_tflops else "the measured float32 matmul rate"
   print(f"XLA_FLAGS={env['XLA_FLAGS']!r}; {os.cpu_count()} CPUs; batch {args.batch} x "
         f"{args.seq_len} tokens; MFU against {peak}", flush=True)

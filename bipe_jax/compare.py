@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 
 import numpy as np
+
+from bipe_jax import pyconfig
 
 IGNORED_KEYS = ("seed", "data.cache_dir")  # differ between seeds / machines, not between setups
 
@@ -59,46 +60,41 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def _read_json(path: str) -> dict:
+_REDO = "run bipe-eval on its work dir again, or leave the dir out"
+# What compare reads: per result list, the keys of each row and of the file itself.
+_RESULT_KEYS = {"results": (("length", "ppl"), ()),
+                "arithmetic": (("n", "answer_acc", "chain_acc"), ("train_max_ops",))}
+
+
+def _read_object(path: str) -> dict:
   """The JSON object in `path`, or a ValueError naming the file."""
-  try:
-    with open(path) as f:
-      value = json.load(f)
-  except (ValueError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is damaged ({e}): run bipe-eval on its work dir again, "
-                     "or leave the dir out") from None
+  value = pyconfig.read_json(path, _REDO)
   if not isinstance(value, dict):
-    raise ValueError(f"{path} is damaged (not a JSON object): run bipe-eval on its work "
-                     "dir again, or leave the dir out")
+    raise ValueError(f"{path} is damaged (not a JSON object): {_REDO}")
   return value
 
 
 def _check_result(result: dict, path: str) -> None:
-  """A ValueError naming `path` unless it holds perplexity or arithmetic results."""
-  fields = {"results": ("length", "ppl"), "arithmetic": ("n", "answer_acc", "chain_acc")}
-  if not any(k in result for k in fields):
-    raise ValueError(f"{path} holds neither perplexity results nor arithmetic accuracy: "
-                     "run bipe-eval on its work dir again, or leave the dir out")
-  for key, need in fields.items():
-    if key not in result:
+  """A ValueError naming `path` unless it holds sound perplexity or arithmetic results."""
+  if not any(k in result for k in _RESULT_KEYS):
+    raise ValueError(f"{path} holds neither perplexity results nor arithmetic accuracy: {_REDO}")
+  for key, (row_keys, file_keys) in _RESULT_KEYS.items():
+    rows = result.get(key)
+    if rows is None:
       continue
-    rows = result[key]
-    sound = isinstance(rows, list) and all(
-        isinstance(r, dict) and all(k in r for k in need) for r in rows)
-    if key == "arithmetic":
-      need, sound = need + ("train_max_ops",), sound and "train_max_ops" in result
-    if not sound:
-      raise ValueError(f"{path} is damaged ({key!r} needs {', '.join(need)}): run "
-                       "bipe-eval on its work dir again, or leave the dir out")
+    if not (isinstance(rows, list) and all(isinstance(r, dict) and set(row_keys) <= r.keys()
+                                           for r in rows) and set(file_keys) <= result.keys()):
+      raise ValueError(f"{path} is damaged ({key!r} needs {', '.join(row_keys + file_keys)}): "
+                       f"{_REDO}")
 
 
 def load_run(workdir: str) -> dict:
   """{dir, eval, config}: config is the flat config.json (or what eval.json tells)."""
-  result = _read_json(os.path.join(workdir, "eval.json"))
+  result = _read_object(os.path.join(workdir, "eval.json"))
   _check_result(result, os.path.join(workdir, "eval.json"))
   path = os.path.join(workdir, "config.json")
   if os.path.isfile(path):
-    config = _flat(_read_json(path))
+    config = _flat(_read_object(path))
   else:
     config = {"pe.kind": result.get("pe_kind", "?"), "data.seq_len": result.get("train_length")}
   config.update(_evaluated(result))

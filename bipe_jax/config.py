@@ -4,7 +4,6 @@ Every error names the key, the offending value and what would be valid.
 """
 from __future__ import annotations
 
-import json
 
 import ml_collections
 
@@ -54,11 +53,7 @@ def load_file(path: str) -> ml_collections.ConfigDict:
 
 def read_json(path: str, fix: str):
   """The JSON value in `path`; a damaged file fails naming the path and `fix`."""
-  with open(path, encoding="utf-8") as f:
-    try:
-      return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ConfigError(f"{path} is not valid JSON ({e}); {fix}") from None
+  return pyconfig.read_json(path, fix, ConfigError)
 
 
 def from_saved(saved: dict, source: str = "config.json") -> tuple[ml_collections.ConfigDict, list]:

@@ -209,8 +209,8 @@ def _check_heldout_fits(config, corpus, lengths) -> None:
   if n > longest:
     return
   fits = ",".join(str(L) for L in lengths if L < n)
-  fix = (f"use --lengths below {n}" + (f", e.g. --lengths={fits}" if fits else "") + ", or "
-         if n > 1 else "")
+  example = f", e.g. --lengths={fits}" if fits else ""
+  fix = f"use --lengths below {n}{example}, or " if n > 1 else ""
   raise ValueError(f"--lengths (eval.lengths) {longest}: the held-out split of data.source "
                    f"{config.data.source!r} has {n} tokens, fewer than one evaluation block "
                    f"of {longest} (+1 target token); {fix}raise data.heldout_fraction")

@@ -1,10 +1,12 @@
-"""Loading `get_config()` from a Python file (a config or a sweep file), without JAX.
+"""Reading what users hand the tools, without JAX: `get_config()` from a Python file
+(a config or a sweep file) and JSON files (config.json, eval.json).
 
-launch/sweep.py uses it too and stays light: this module imports no JAX.
+launch/sweep.py and bipe-compare use it and stay light: this module imports no JAX.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -33,3 +35,12 @@ def load_get_config(path: str, what: str, example: str,
     raise error(f"{what} {path!r}: get_config() returned {type(config).__name__}, "
                 "not an ml_collections.ConfigDict")
   return config
+
+
+def read_json(path: str, fix: str, error: type = ValueError):
+  """The JSON value in `path`; a damaged file raises `error` naming the path and `fix`."""
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise error(f"{path} is damaged (not valid JSON: {e}); {fix}") from None

@@ -57,8 +57,7 @@ def _check_resumes_same_run(init_from: str, workdir: str) -> None:
   saved = config_lib.read_json(path, "restore it from a copy") if os.path.isfile(path) else {}
   started_from = ((saved.get("train") or {}).get("init_from", "")
                   if isinstance(saved, dict) else "")
-  if started_from and (started_from == init_from or
-                       os.path.realpath(started_from) == os.path.realpath(init_from)):
+  if started_from and os.path.realpath(started_from) == os.path.realpath(init_from):
     return
   raise _fail(init_from, f"--workdir={workdir} already holds a run (checkpoints up to step "
               f"{step}) that was not started from it (its config.json has train.init_from="
